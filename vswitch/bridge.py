@@ -1,0 +1,180 @@
+"""The L2 learning bridge (the node's cni0), as stages.
+
+    eth-input -> l2-learn -> l2-forward -> port-tx
+                                 \\-> <local stage> (frames to a MAC the node owns, e.g. the router)
+
+Behaviour follows the Linux bridge (net/bridge/br_input.c, br_forward.c,
+br_fdb.c); see docs/architecture.md for where vswitch deliberately differs.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .fdb import FULL, Fdb
+from .packet import ETH_DST, ETH_SRC, mac_str
+from .stage import Stage
+
+LINK_LOCAL_PREFIX = b"\x01\x80\xc2\x00\x00"
+
+
+class Bridge:
+    """Ports, FDB and the local MACs of one bridge; the stages share it."""
+
+    def __init__(self, fdb: Fdb | None = None) -> None:
+        self.fdb = fdb or Fdb()
+        self.ports: list = []
+        self.local: Dict[bytes, Stage] = {}  # own MACs -> stage that consumes them
+        self._flood: Dict[object, List] = {}
+
+    def add_port(self, port) -> None:
+        if port in self.ports:
+            return
+        self.ports.append(port)
+        self._flood.clear()
+
+    def remove_port(self, port) -> None:
+        if port in self.ports:
+            self.ports.remove(port)
+            self.fdb.flush(port, include_static=True)
+            self._flood.clear()
+
+    def flood_ports(self, in_port) -> List:
+        """Every bridge port but the ingress one (cached until ports change)."""
+        ports = self._flood.get(in_port)
+        if ports is None:
+            ports = self._flood[in_port] = [p for p in self.ports if p is not in_port]
+        return ports
+
+
+class L2Learn(Stage):
+    """Checks the source MAC, learns it, and holds back link-local control frames."""
+
+    name = "l2-learn"
+    next_names = ("l2-forward",)
+    drops = {
+        "bad-src-mac": "source MAC is multicast or all-zero",
+        "own-src-mac": "source MAC is one of the node's own MACs",
+        "pause-frame": "802.3x pause frame (01:80:c2:00:00:01)",
+        "link-local": "IEEE link-local group address not in group_fwd_mask",
+    }
+
+    def __init__(self, bridge: Bridge) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self.fdb = bridge.fdb
+
+    def on_bind(self, graph) -> None:
+        self.fwd = graph.stages["l2-forward"]
+
+    def process(self, pkt):
+        buf = pkt.buf
+        if buf[ETH_SRC] & 1:
+            return self.drop(pkt, "bad-src-mac")
+        src = bytes(buf[ETH_SRC:ETH_SRC + 6])
+        if src == b"\0\0\0\0\0\0":
+            return self.drop(pkt, "bad-src-mac")
+        if buf[ETH_DST] == 0x01 and buf[ETH_DST:ETH_DST + 5] == LINK_LOCAL_PREFIX and buf[ETH_DST + 5] < 0x10:
+            # br_handle_frame: pause frames die unlearned; other non-STP link-local
+            # groups are learned but not forwarded (group_fwd_mask 0); :00 (STP) is
+            # forwarded because STP is off.
+            last = buf[ETH_DST + 5]
+            if last == 0x01:
+                return self.drop(pkt, "pause-frame")
+            if last != 0x00:
+                if not pkt.dry_run:
+                    self.fdb.learn(src, pkt.in_port, pkt.ts)
+                pkt.note = "learned"
+                return self.drop(pkt, "link-local")
+        if src in self.bridge.local:
+            return self.drop(pkt, "own-src-mac")
+        if pkt.dry_run:
+            e = self.fdb.get(src)
+            pkt.note = ("would-learn" if e is None else
+                        "static" if e.static else "would-refresh" if e.port is pkt.in_port else "would-move")
+        else:
+            pkt.note = self.fdb.learn(src, pkt.in_port, pkt.ts)
+        return self.fwd
+
+    def trace_record(self, pkt) -> dict:
+        fdb = pkt.note if pkt.note is not None else "not learned"
+        rec = {"src": mac_str(pkt.src), "port": pkt.in_port.name, "fdb": fdb}
+        if pkt.note == FULL:
+            rec["why"] = f"FDB holds max_learned={self.fdb.max_learned} entries"
+        return rec
+
+    def format_trace(self, rec: dict) -> str:
+        line = f"src {rec['src']} on {rec['port']}: {rec['fdb']}"
+        return line + (f" ({rec['why']})" if "why" in rec else "")
+
+    def stats(self) -> dict:
+        d = super().stats()
+        d.update(fdb_entries=len(self.fdb), fdb_overflow=self.fdb.overflow, fdb_moves=self.fdb.moves)
+        return d
+
+
+class L2Forward(Stage):
+    """Chooses the egress: learned port, flood, or a local stage (router)."""
+
+    name = "l2-forward"
+    next_names = ("port-tx",)
+    drops = {
+        "same-port": "destination learned on the ingress port (hairpin off)",
+        "flood-empty": "flooded, but the bridge has no other port",
+    }
+
+    def __init__(self, bridge: Bridge) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self.fdb = bridge.fdb
+
+    def on_bind(self, graph) -> None:
+        self.tx = graph.stages["port-tx"]
+
+    def process(self, pkt):
+        buf = pkt.buf
+        dst = bytes(buf[ETH_DST:ETH_DST + 6])
+        if buf[ETH_DST] & 1:  # broadcast / multicast: flood (no querier, no snooping)
+            return self._flood(pkt, "flood-bcast" if dst == b"\xff" * 6 else "flood-mcast")
+        local = self.bridge.local.get(dst)
+        if local is not None:
+            pkt.note = "local"
+            return local
+        port = self.fdb.lookup(dst, pkt.ts)
+        if port is None:
+            return self._flood(pkt, "flood-unknown")
+        if port is pkt.in_port and not port.hairpin:
+            pkt.note = "same-port"
+            return self.drop(pkt, "same-port")
+        pkt.note = "hit"
+        pkt.out_port = port
+        return self.tx
+
+    def _flood(self, pkt, why: str):
+        ports = self.bridge.flood_ports(pkt.in_port)
+        pkt.note = why
+        if not ports:
+            return self.drop(pkt, "flood-empty")
+        pkt.out_ports = ports
+        return self.tx
+
+    def trace_record(self, pkt) -> dict:
+        rec = {"dst": mac_str(pkt.dst), "decision": pkt.note}
+        if pkt.note == "hit":
+            rec["port"] = pkt.out_port.name
+        elif pkt.note and pkt.note.startswith("flood"):
+            rec["ports"] = [p.name for p in pkt.out_ports or ()]
+        elif pkt.note == "same-port":
+            rec["port"] = pkt.in_port.name
+        return rec
+
+    def format_trace(self, rec: dict) -> str:
+        d = rec["decision"]
+        if d == "hit":
+            return f"dst {rec['dst']}: FDB hit -> {rec['port']}"
+        if d == "local":
+            return f"dst {rec['dst']}: node's own MAC -> local"
+        if d == "same-port":
+            return f"dst {rec['dst']}: learned on ingress port {rec['port']} and hairpin is off"
+        kind = {"flood-bcast": "broadcast", "flood-mcast": "multicast", "flood-unknown": "FDB miss"}.get(d, d)
+        return f"dst {rec['dst']}: {kind}, flood -> {', '.join(rec.get('ports', [])) or '(none)'}"

@@ -1,0 +1,217 @@
+"""Node configuration: schema, validation, defaults.
+
+Everything is checked before anything is created, so a bad config never
+leaves a half-built node. Errors name the field by path
+(``ports[1].mtu: must be an integer from 68 to 65535, got 'big'``).
+See docs/config.md for the schema with examples.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import yaml
+
+from .fdb import DEFAULT_AGEING, DEFAULT_MAX_LEARNED
+from .packet import mac_bytes
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' ':' or spaces
+DEFAULT_SOCKET = "/run/vswitch/vswitch.sock"
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted path of the offending field."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+def _keys(d: Any, path: str, allowed: set, required: set = frozenset(), later: Dict[str, str] | None = None) -> dict:
+    if not isinstance(d, dict):
+        raise ConfigError(path, f"must be a mapping, got {type(d).__name__}")
+    for k in d:
+        if later and k in later:
+            raise ConfigError(_join(path, k), f"not supported yet ({later[k]})")
+        if k not in allowed:
+            raise ConfigError(_join(path, str(k)), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    for k in sorted(required):
+        if k not in d:
+            raise ConfigError(_join(path, k), "is required")
+    return d
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _int(v: Any, path: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(path, f"must be an integer from {lo} to {hi}, got {v!r}")
+    return v
+
+
+def _num(v: Any, path: str, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise ConfigError(path, f"must be a number from {lo:g} to {hi:g}, got {v!r}")
+    return float(v)
+
+
+def _bool(v: Any, path: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(path, f"must be true or false, got {v!r}")
+    return v
+
+
+def _name(v: Any, path: str, pattern=NAME_RE, what: str = "a name") -> str:
+    if not isinstance(v, str) or not pattern.match(v):
+        hint = "1-15 characters, letters, digits, '_', '.', '-'" if pattern is IFNAME_RE else \
+            "letters, digits, '_', '.', '-', starting with a letter or digit, at most 63"
+        raise ConfigError(path, f"must be {what} ({hint}), got {v!r}")
+    return v
+
+
+PORT_KEYS = {
+    "tap": {"name", "type", "ifname", "netns", "netns_ifname", "mtu", "hairpin", "offload"},
+    "afpacket": {"name", "type", "interface", "mtu", "hairpin"},
+    "memory": {"name", "type", "mtu", "hairpin"},
+}
+# Pods sit behind TAPs and flannel's CNI config turns hairpin on for them;
+# an uplink/trunk interface behaves like a plain bridge port.
+HAIRPIN_DEFAULT = {"tap": True, "afpacket": False, "memory": True}
+
+
+def port_spec(d: Any, path: str) -> dict:
+    """Validate one port entry; returns constructor kwargs plus 'type'."""
+    if not isinstance(d, dict):
+        raise ConfigError(path, f"must be a mapping, got {type(d).__name__}")
+    kind = d.get("type", "tap")
+    if kind not in PORT_KEYS:
+        raise ConfigError(_join(path, "type"), f"must be one of {', '.join(sorted(PORT_KEYS))}, got {kind!r}")
+    _keys(d, path, PORT_KEYS[kind], {"name"})
+    spec = {"type": kind, "name": _name(d["name"], _join(path, "name"), what="a port name")}
+    spec["mtu"] = _int(d.get("mtu", 1500), _join(path, "mtu"), 68, 65535)
+    spec["hairpin"] = _bool(d.get("hairpin", HAIRPIN_DEFAULT[kind]), _join(path, "hairpin"))
+    if kind == "tap":
+        default_if = spec["name"] if IFNAME_RE.match(spec["name"]) else None
+        ifname = d.get("ifname", default_if)
+        if ifname is None:
+            raise ConfigError(_join(path, "ifname"), f"is required when the port name {spec['name']!r} "
+                                                     "is not a valid interface name (15 characters at most)")
+        spec["ifname"] = _name(ifname, _join(path, "ifname"), IFNAME_RE, "an interface name")
+        if "netns" in d:
+            spec["netns"] = _name(d["netns"], _join(path, "netns"), what="a network namespace name")
+        if "netns_ifname" in d:
+            if "netns" not in d:
+                raise ConfigError(_join(path, "netns_ifname"), "needs netns (the namespace to rename it in)")
+            spec["netns_ifname"] = _name(d["netns_ifname"], _join(path, "netns_ifname"), IFNAME_RE,
+                                         "an interface name")
+        spec["offload"] = _bool(d.get("offload", True), _join(path, "offload"))
+    elif kind == "afpacket":
+        spec["interface"] = _name(d.get("interface", spec["name"]), _join(path, "interface"), IFNAME_RE,
+                                  "an interface name")
+    return spec
+
+
+@dataclass
+class NodeConfig:
+    name: str
+    ageing: float = DEFAULT_AGEING
+    max_learned: int = DEFAULT_MAX_LEARNED
+    static: List[tuple] = field(default_factory=list)  # (mac bytes, port name)
+    ports: List[dict] = field(default_factory=list)
+    socket: str = DEFAULT_SOCKET
+    log_level: str = "info"
+
+
+LATER = {
+    "router": "routing arrives with the router issue",
+    "services": "Services arrive with the nat issue; manifests go through `vswitch apply`",
+    "vxlan": "the VXLAN overlay arrives with the overlay issue",
+}
+
+
+def parse(doc: Any) -> NodeConfig:
+    """Validate a config mapping (already loaded from YAML) into a NodeConfig."""
+    _keys(doc, "", {"name", "bridge", "ports", "control", "log"}, {"name"}, later=LATER)
+    cfg = NodeConfig(name=_name(doc["name"], "name", what="a node name"))
+
+    bridge = _keys(doc.get("bridge", {}) or {}, "bridge", {"ageing", "max_learned", "static"})
+    cfg.ageing = _num(bridge.get("ageing", DEFAULT_AGEING), "bridge.ageing", 1, 1_000_000)
+    cfg.max_learned = _int(bridge.get("max_learned", DEFAULT_MAX_LEARNED), "bridge.max_learned", 1, 10_000_000)
+
+    ports = doc.get("ports", []) or []
+    if not isinstance(ports, list):
+        raise ConfigError("ports", f"must be a list, got {type(ports).__name__}")
+    seen: Dict[str, str] = {}
+    ifnames: Dict[str, str] = {}
+    for i, p in enumerate(ports):
+        spec = port_spec(p, f"ports[{i}]")
+        if spec["name"] in seen:
+            raise ConfigError(f"ports[{i}].name", f"duplicate port name {spec['name']!r} (also {seen[spec['name']]})")
+        seen[spec["name"]] = f"ports[{i}]"
+        dev = spec.get("ifname") or spec.get("interface")
+        if dev and dev in ifnames:
+            raise ConfigError(f"ports[{i}]", f"interface {dev!r} is already used by {ifnames[dev]}")
+        if dev:
+            ifnames[dev] = f"ports[{i}]"
+        cfg.ports.append(spec)
+
+    static = bridge.get("static", []) or []
+    if not isinstance(static, list):
+        raise ConfigError("bridge.static", "must be a list of {mac, port}")
+    for i, s in enumerate(static):
+        path = f"bridge.static[{i}]"
+        _keys(s, path, {"mac", "port"}, {"mac", "port"})
+        try:
+            mac = mac_bytes(str(s["mac"]))
+        except ValueError:
+            raise ConfigError(f"{path}.mac", f"not a MAC address: {s['mac']!r}") from None
+        if mac[0] & 1:
+            raise ConfigError(f"{path}.mac", "a static FDB entry must be a unicast MAC")
+        if s["port"] not in seen:
+            raise ConfigError(f"{path}.port", f"no port named {s['port']!r}")
+        cfg.static.append((mac, s["port"]))
+
+    control = _keys(doc.get("control", {}) or {}, "control", {"socket"})
+    sock = control.get("socket", DEFAULT_SOCKET)
+    if not isinstance(sock, str) or not sock.startswith("/") or len(sock.encode()) > 107:
+        raise ConfigError("control.socket", f"must be an absolute path of at most 107 bytes, got {sock!r}")
+    cfg.socket = sock
+
+    log = _keys(doc.get("log", {}) or {}, "log", {"level"})
+    level = log.get("level", "info")
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level", f"must be one of debug, info, warning, error, got {level!r}")
+    cfg.log_level = level
+    return cfg
+
+
+def load(path: str) -> NodeConfig:
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError("", f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path} is not valid YAML: {e}") from None
+    if doc is None:
+        raise ConfigError("", f"{path} is empty")
+    return parse(doc)
+
+
+def dump(cfg: NodeConfig) -> dict:
+    """The inverse of parse, for writing lab node configs."""
+    return {
+        "name": cfg.name,
+        "bridge": {"ageing": cfg.ageing, "max_learned": cfg.max_learned,
+                   "static": [{"mac": m.hex(":"), "port": p} for m, p in cfg.static]},
+        "ports": [{k: v for k, v in p.items()} for p in cfg.ports],
+        "control": {"socket": cfg.socket},
+        "log": {"level": cfg.log_level},
+    }
+

@@ -1,0 +1,142 @@
+"""A node: its ports, its stage graph and its tables, wired together.
+
+This is the one place that knows which stages exist and how they connect;
+the core modules (packet, stage, ports, bridge) know nothing about it.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import monotonic
+from typing import Callable, Dict, Optional
+
+from .bridge import Bridge, L2Forward, L2Learn
+from .config import NodeConfig, port_spec
+from .ethernet import EthInput
+from .fdb import Fdb
+from .output import PortTx
+from .packet import Packet, mac_bytes
+from .ports import Port, port_kinds
+from .stage import Graph
+
+log = logging.getLogger("vswitch.node")
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig, clock: Callable[[], float] = monotonic) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.clock = clock
+        self.bridge = Bridge(Fdb(cfg.ageing, cfg.max_learned))
+        self.graph = Graph()
+        for stage in (EthInput(), L2Learn(self.bridge), L2Forward(self.bridge), PortTx()):
+            self.graph.add(stage)
+        self.graph.build("eth-input")
+        self.ports: Dict[str, Port] = {}
+        self.loop = None
+        self._next_index = 1
+
+    # --- ports --------------------------------------------------------------
+    def add_port(self, spec: dict, path: str = "port") -> Port:
+        """Create, open and attach a port from a config entry (validated here too)."""
+        spec = port_spec(dict(spec), path)
+        if spec["name"] in self.ports:
+            raise ValueError(f"{path}.name: a port named {spec['name']!r} already exists")
+        kwargs = {k: v for k, v in spec.items() if k not in ("type", "name")}
+        port = port_kinds()[spec["type"]](spec["name"], **kwargs)
+        port.open()
+        self.attach(port)
+        return port
+
+    def attach(self, port: Port) -> Port:
+        """Attach an already-open port to the bridge and start receiving from it."""
+        port.index = self._next_index
+        self._next_index += 1
+        port.entry = self.graph.entry
+        self.ports[port.name] = port
+        self.bridge.add_port(port)
+        port.start(self.loop, self.receive)
+        log.info("port %s (%s) attached as index %d", port.name, port.kind, port.index)
+        return port
+
+    def remove_port(self, name: str) -> None:
+        port = self.ports.pop(name, None)
+        if port is None:
+            raise KeyError(f"no port named {name!r}")
+        self.bridge.remove_port(port)
+        port.close()
+        log.info("port %s removed", name)
+
+    def port(self, name: str) -> Port:
+        try:
+            return self.ports[name]
+        except KeyError:
+            raise KeyError(f"no port named {name!r} (ports: {', '.join(self.ports) or 'none'})") from None
+
+    def start(self, loop) -> None:
+        """Open every configured port; on any failure close the ones opened and re-raise."""
+        self.loop = loop
+        try:
+            for i, spec in enumerate(self.cfg.ports):
+                self.add_port(spec, f"ports[{i}]")
+            for mac, pname in self.cfg.static:
+                self.bridge.fdb.add_static(mac, self.ports[pname])
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for name in list(self.ports):
+            self.remove_port(name)
+
+    # --- packets ------------------------------------------------------------
+    def receive(self, port: Port, buf, ts: float) -> None:
+        self.graph.run(Packet(buf, port, ts), port.entry)
+
+    def trace(self, port_name: str, frame: bytes, dry_run: bool = True, vnet: Optional[bytes] = None) -> Packet:
+        """Run one bare frame through the pipeline with tracing on; returns the packet."""
+        port = self.port(port_name)
+        kw = {} if vnet is None else {"vnet": vnet}
+        pkt = Packet.from_frame(frame, port, self.clock(), trace=[], dry_run=dry_run, **kw)
+        pkt.ensure_id()
+        self.graph.run(pkt, port.entry)
+        return pkt
+
+    # --- tables ---------------------------------------------------------------
+    def expire(self) -> int:
+        return self.bridge.fdb.expire(self.clock())
+
+    def show(self, table: str) -> list:
+        now = self.clock()
+        if table == "ports":
+            return [p.info() for p in sorted(self.ports.values(), key=lambda p: p.index)]
+        if table == "fdb":
+            return self.bridge.fdb.rows(now)
+        if table == "stats":
+            return self.stats()
+        if table == "drops":
+            return self.graph.drop_table()
+        raise KeyError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
+
+    def stats(self) -> list:
+        rows = []
+        for st in self.graph.stages.values():
+            row = {"stage": st.name}
+            row.update(st.stats())
+            rows.append(row)
+        return rows
+
+    def fdb_flush(self, port: Optional[str] = None) -> int:
+        return self.bridge.fdb.flush(self.port(port) if port else None)
+
+    def fdb_add(self, mac: str, port: str) -> None:
+        m = mac_bytes(mac)
+        if m[0] & 1:
+            raise ValueError(f"{mac}: a static FDB entry must be a unicast MAC")
+        self.bridge.fdb.add_static(m, self.port(port))
+
+    def fdb_del(self, mac: str) -> bool:
+        return self.bridge.fdb.delete(mac_bytes(mac))
+
+
+TABLES = ("ports", "fdb", "stats", "drops")

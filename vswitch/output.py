@@ -1,0 +1,37 @@
+"""port-tx: the last stage; writes the frame to its egress port(s)."""
+
+from __future__ import annotations
+
+from .stage import Stage
+
+
+class PortTx(Stage):
+    """Sends ``pkt.out_port`` or every port in ``pkt.out_ports`` (a flood)."""
+
+    name = "port-tx"
+    drops = {"tx-error": "the egress port refused the frame (queue full or link down)"}
+
+    def process(self, pkt):
+        if pkt.dry_run:
+            pkt.note = "dry-run"
+            return None
+        port = pkt.out_port
+        if port is not None:
+            if not port.send(pkt.buf):
+                return self.drop(pkt, "tx-error")
+            return None
+        buf = pkt.buf
+        for port in pkt.out_ports:
+            port.send(buf)  # a failed copy of a flood is counted by the port
+        return None
+
+    def trace_record(self, pkt) -> dict:
+        ports = [pkt.out_port] if pkt.out_port is not None else list(pkt.out_ports or ())
+        rec = {"ports": [p.name for p in ports], "len": len(pkt)}
+        if pkt.note == "dry-run":
+            rec["dry_run"] = True
+        return rec
+
+    def format_trace(self, rec: dict) -> str:
+        line = f"out {', '.join(rec['ports'])} len {rec['len']}"
+        return line + (" (dry run: not sent)" if rec.get("dry_run") else "")

@@ -1,0 +1,67 @@
+"""What every port has: a name, counters, a send, a batched receive."""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import Callable, Optional
+
+from ..packet import VNET_LEN
+
+BATCH = 64  # frames drained per wake-up before yielding to the loop
+RX_SIZE = VNET_LEN + 65536 + 64  # a 64 KB super-frame, its Ethernet/VLAN header and the vnet header
+
+Deliver = Callable[["Port", bytes, float], None]
+
+
+class Port:
+    kind = "port"
+
+    def __init__(self, name: str, *, hairpin: bool = False, mtu: int = 1500) -> None:
+        self.name = name
+        self.hairpin = hairpin
+        self.mtu = mtu
+        self.index = 0
+        self.entry = None  # first stage for frames from this port (set by the node)
+        self.rx_packets = self.rx_bytes = self.rx_drops = 0
+        self.tx_packets = self.tx_bytes = self.tx_drops = 0
+        self.offloads: tuple = ()
+        self._deliver: Optional[Deliver] = None
+
+    # --- lifecycle --------------------------------------------------------
+    def open(self) -> None:
+        """Create the OS resources (may raise OSError with a clear message)."""
+
+    def start(self, loop, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    def close(self) -> None:
+        self._deliver = None
+
+    # --- data -------------------------------------------------------------
+    def send(self, buf) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _drain(self, read) -> None:
+        """Read up to BATCH frames with ``read()`` (raises BlockingIOError when empty)."""
+        deliver = self._deliver
+        ts = monotonic()
+        n = nbytes = 0
+        try:
+            while n < BATCH:
+                buf = read()
+                n += 1
+                nbytes += len(buf)
+                deliver(self, buf, ts)
+        except (BlockingIOError, InterruptedError):
+            pass
+        finally:
+            self.rx_packets += n
+            self.rx_bytes += nbytes - n * VNET_LEN
+
+    def info(self) -> dict:
+        return {
+            "name": self.name, "index": self.index, "type": self.kind, "mtu": self.mtu,
+            "hairpin": self.hairpin, "offloads": list(self.offloads),
+            "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes, "rx_drops": self.rx_drops,
+            "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "tx_drops": self.tx_drops,
+        }
