@@ -1,0 +1,1 @@
+"""conformance: kernel-vs-vswitch differential scenarios (the conformance issue; not built yet)."""

@@ -1,0 +1,1 @@
+"""nat: conntrack and the Service load balancer (the nat issue; not built yet)."""

@@ -1,0 +1,120 @@
+"""`vswitch run`: one node's dataplane in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from . import control
+from .config import ConfigError, NodeConfig, load
+from .node import TABLES, Node
+
+log = logging.getLogger("vswitch.daemon")
+EXPIRE_INTERVAL = 1.0  # FDB sweep period (lookups already ignore aged entries)
+
+
+class Commands:
+    """What the control socket serves; each method takes the request's arguments."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def __call__(self, req: dict):
+        cmd = req.pop("cmd")
+        fn = getattr(self, "cmd_" + cmd.replace("-", "_"), None)
+        if fn is None:
+            raise ValueError(f"unknown command {cmd!r}")
+        return fn(**req)
+
+    def cmd_ping(self):
+        return {"node": self.node.name, "pid": os.getpid()}
+
+    def cmd_show(self, table: str):
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
+        return self.node.show(table)
+
+    def cmd_fdb_flush(self, port: str | None = None):
+        return {"flushed": self.node.fdb_flush(port)}
+
+    def cmd_fdb_add(self, mac: str, port: str):
+        self.node.fdb_add(mac, port)
+        return {"added": mac}
+
+    def cmd_fdb_del(self, mac: str):
+        if not self.node.fdb_del(mac):
+            raise ValueError(f"no FDB entry for {mac}")
+        return {"deleted": mac}
+
+    def cmd_port_add(self, spec: dict):
+        try:
+            return self.node.add_port(spec).info()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    def cmd_port_del(self, name: str):
+        self.node.remove_port(name)
+        return {"deleted": name}
+
+    def cmd_trace(self, port: str, frame: bytes, commit: bool = False):
+        pkt = self.node.trace(port, frame, dry_run=not commit)
+        return {"id": pkt.id, "steps": [dict(s) for s in pkt.trace]}
+
+
+async def serve_node(cfg: NodeConfig, ready=None) -> None:
+    loop = asyncio.get_running_loop()
+    node = Node(cfg)
+    node.start(loop)  # raises (after closing what it opened) on a bad port
+    server = await control.serve(cfg.socket, Commands(node))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def sweep():
+        while True:
+            await asyncio.sleep(EXPIRE_INTERVAL)
+            node.expire()
+
+    sweeper = loop.create_task(sweep())
+    log.info("node %s up: %d ports, control socket %s", node.name, len(node.ports), cfg.socket)
+    if ready is not None:
+        ready(node)
+    try:
+        await stop.wait()
+    finally:
+        sweeper.cancel()
+        server.close()
+        try:
+            os.unlink(cfg.socket)
+        except FileNotFoundError:
+            pass
+        node.close()
+        log.info("node %s stopped", node.name)
+
+
+def event_loop_run(coro):
+    """Run on uvloop when it is installed (it is a dependency), else plain asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def run(config_path: str) -> int:
+    try:
+        cfg = load(config_path)
+    except ConfigError as e:
+        print(f"vswitch: invalid config: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s node=" + cfg.name + " %(message)s")
+    try:
+        event_loop_run(serve_node(cfg))
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"vswitch: cannot start node {cfg.name}: {e}", file=sys.stderr)
+        return 2
+    return 0

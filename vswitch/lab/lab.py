@@ -1,0 +1,297 @@
+"""`vswitch lab`: a cluster of nodes and pods made of network namespaces.
+
+Layout (all inside the caller's sandbox, see vswitch/sandbox.py):
+
+    netns "underlay": Linux bridge br0 = the nodes' shared L2 segment
+    netns <node>:     eth0 (veth to br0) with the node address;
+                      dataplane vswitch: a `vswitch run` daemon whose TAPs are the pods' eth0
+                      dataplane kernel:  Linux bridge cni0 (gateway address) + veth pods, hairpin on
+    netns <pod>:      eth0 with an address from its node's podCIDR, default route via the gateway
+    netns <external>: eth0 on the underlay, outside the cluster
+
+State lives in /run/vswitch/lab/state.json so that separate `lab exec`,
+`lab status`, `show --node` and `lab down` calls find the running lab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+import yaml
+
+from .. import control
+from ..netns import NetnsError, ip, run
+from ..sandbox import STATE_DIR, require
+from .topology import Topology, load
+
+LAB_DIR = os.path.join(STATE_DIR, "lab")
+STATE = os.path.join(LAB_DIR, "state.json")
+UNDERLAY = "underlay"
+READY_TIMEOUT = 15.0
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def state() -> Optional[dict]:
+    try:
+        with open(STATE) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _save(st: dict) -> None:
+    os.makedirs(LAB_DIR, exist_ok=True)
+    tmp = STATE + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(st, f, indent=2)
+    os.replace(tmp, STATE)
+
+
+def socket_for(node: str) -> str:
+    st = state()
+    if st is None:
+        raise LabError("no lab is up (start one with `vswitch lab up TOPOLOGY.yaml`)")
+    if node not in st["nodes"]:
+        raise LabError(f"lab {st['name']} has no node {node!r} (nodes: {', '.join(st['nodes'])})")
+    info = st["nodes"][node]
+    if info["dataplane"] != "vswitch":
+        raise LabError(f"node {node} runs the kernel dataplane: inspect it with "
+                       f"`vswitch lab exec {node} -- bridge fdb show` or `ip ...`")
+    return info["socket"]
+
+
+def _sysctl(netns: str, *settings: str) -> None:
+    run(["sysctl", "-qw", *settings], netns=netns)
+
+
+def _add_netns(st: dict, name: str) -> None:
+    ip("netns", "add", name)
+    st["netns"].append(name)
+    _save(st)
+    ip("link", "set", "lo", "up", netns=name)
+    # IPv4 only: no IPv6 autoconf, DAD or MLD chatter flooding through the bridges.
+    _sysctl(name, "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+
+
+def _link_mac(netns: str, dev: str) -> str:
+    return json.loads(ip("-j", "link", "show", "dev", dev, netns=netns))[0]["address"]
+
+
+def up(topo: Topology | str, log=print) -> dict:
+    require("lab up")
+    if isinstance(topo, str):
+        topo = load(topo)
+    if state() is not None:
+        raise LabError(f"lab {state()['name']} is already up: `vswitch lab down` first")
+    st = {"name": topo.name, "netns": [], "nodes": {}, "pods": {}, "externals": {},
+          "backend": topo.backend, "pod_cidr": str(topo.pod_cidr), "service_cidr": str(topo.service_cidr)}
+    _save(st)
+    try:
+        _build(topo, st, log)
+    except BaseException:
+        teardown(st)
+        raise
+    return st
+
+
+def _build(topo: Topology, st: dict, log) -> None:
+    if topo.backend and len(topo.nodes) > 1:
+        log(f"note: backend {topo.backend}: pods reach pods on their own node, externals and nodes share the "
+            "underlay; forwarding between nodes' pod CIDRs arrives with the router and overlay issues")
+    _add_netns(st, UNDERLAY)
+    ip("link", "add", "br0", "type", "bridge", netns=UNDERLAY)
+    ip("link", "set", "br0", "up", netns=UNDERLAY)
+    hosts = [(n.name, n.address, n.mtu) for n in topo.nodes] + [(e.name, e.address, 1500) for e in topo.externals]
+    for i, (name, addr, mtu) in enumerate(hosts):
+        _add_netns(st, name)
+        uport = f"u{i}"
+        ip("link", "add", uport, "mtu", str(mtu), "type", "veth", "peer", "name", "eth0", "mtu", str(mtu),
+           "netns", name, netns=UNDERLAY)
+        ip("link", "set", uport, "master", "br0", "up", netns=UNDERLAY)
+        ip("addr", "add", str(addr), "dev", "eth0", netns=name)
+        ip("link", "set", "eth0", "up", netns=name)
+    for e in topo.externals:
+        st["externals"][e.name] = {"address": str(e.address), "mac": _link_mac(e.name, "eth0")}
+    for pod in topo.pods:
+        _add_netns(st, pod.name)
+    for node in topo.nodes:
+        pods = [p for p in topo.pods if p.node == node.name]
+        info = {"dataplane": node.dataplane, "address": str(node.address), "podCIDR": str(node.pod_cidr),
+                "gateway": str(node.gateway), "pid": None, "socket": None}
+        st["nodes"][node.name] = info
+        if node.dataplane == "vswitch":
+            _start_vswitch(node, pods, info, st)
+        else:
+            _build_kernel_node(node, pods)
+        for pod in pods:
+            _configure_pod(pod, node, st)
+        _save(st)
+        log(f"node {node.name} ({node.dataplane}) up with {len(pods)} pods")
+
+
+def _tap_name(pod: str, i: int) -> str:
+    name = f"tap-{pod}"  # prefixed so a pod called eth0 or lo cannot clash in the node namespace
+    return name if len(name) <= 15 else f"tap{i}"
+
+
+def _start_vswitch(node, pods, info: dict, st: dict) -> None:
+    sock = os.path.join(LAB_DIR, f"{node.name}.sock")
+    cfg_path = os.path.join(LAB_DIR, f"{node.name}.yaml")
+    log_path = os.path.join(LAB_DIR, f"{node.name}.log")
+    cfg = {
+        "name": node.name,
+        "ports": [{"name": p.name, "type": "tap", "ifname": _tap_name(p.name, i), "netns": p.name,
+                   "netns_ifname": "eth0", "mtu": node.mtu} for i, p in enumerate(pods)],
+        "control": {"socket": sock},
+    }
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(["ip", "netns", "exec", node.name, sys.executable, "-m", "vswitch", "run",
+                                 "--config", cfg_path], stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    info.update(pid=proc.pid, socket=sock, config=cfg_path, log=log_path)
+    _save(st)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise LabError(f"vswitch daemon for {node.name} exited with {proc.returncode}:\n{_tail(log_path)}")
+        try:
+            control.request(sock, "ping", timeout=1.0)
+            return
+        except control.ControlError:
+            if time.monotonic() > deadline:
+                raise LabError(f"vswitch daemon for {node.name} not ready after {READY_TIMEOUT:g} s:\n{_tail(log_path)}")
+            time.sleep(0.05)
+
+
+def _build_kernel_node(node, pods) -> None:
+    """A node as flannel's CNI config builds it: cni0 bridge, veth pods with hairpin on."""
+    n = node.name
+    ip("link", "add", "cni0", "mtu", str(node.mtu), "type", "bridge", netns=n)
+    ip("addr", "add", str(node.gateway), "dev", "cni0", netns=n)
+    ip("link", "set", "cni0", "up", netns=n)
+    _sysctl(n, "net.ipv4.ip_forward=1")
+    for i, pod in enumerate(pods):
+        host = f"veth{i}"
+        ip("link", "add", host, "mtu", str(node.mtu), "type", "veth", "peer", "name", "eth0", "mtu", str(node.mtu),
+           "netns", pod.name, netns=n)
+        ip("link", "set", host, "master", "cni0", netns=n)
+        ip("link", "set", host, "type", "bridge_slave", "hairpin", "on", netns=n)
+        ip("link", "set", host, "up", netns=n)
+        ip("link", "set", "eth0", "up", netns=pod.name)
+
+
+def _configure_pod(pod, node, st: dict) -> None:
+    ip("addr", "add", str(pod.ip), "dev", "eth0", netns=pod.name)
+    ip("route", "add", "default", "via", str(node.gateway.ip), "dev", "eth0", "onlink", netns=pod.name)
+    st["pods"][pod.name] = {"node": node.name, "ip": str(pod.ip.ip), "mac": _link_mac(pod.name, "eth0"),
+                            "namespace": pod.namespace, "labels": pod.labels}
+
+
+def _tail(path: str, n: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop_pid(pid: int) -> None:
+    """Stop a daemon this lab started, checking the pid still is that daemon."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"vswitch" not in f.read():
+                return
+        os.kill(pid, signal.SIGTERM)
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap it if it is our child (lab up in the same process, e.g. tests)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def teardown(st: dict) -> None:
+    for info in st["nodes"].values():
+        if info.get("pid"):
+            _stop_pid(info["pid"])
+    for ns in reversed(st["netns"]):
+        try:
+            ip("netns", "del", ns)
+        except NetnsError:
+            pass
+    for f in os.listdir(LAB_DIR) if os.path.isdir(LAB_DIR) else ():
+        if f != "state.json" and not f.endswith(".log"):
+            try:
+                os.unlink(os.path.join(LAB_DIR, f))
+            except OSError:
+                pass
+    try:
+        os.unlink(STATE)
+    except FileNotFoundError:
+        pass
+
+
+def down() -> str:
+    st = state()
+    if st is None:
+        raise LabError("no lab is up")
+    teardown(st)
+    return st["name"]
+
+
+def members(st: dict) -> List[str]:
+    return list(st["nodes"]) + list(st["pods"]) + list(st["externals"])
+
+
+def exec_argv(name: str, cmd: List[str]) -> List[str]:
+    st = state()
+    if st is None:
+        raise LabError("no lab is up (start one with `vswitch lab up TOPOLOGY.yaml`)")
+    if name not in members(st) and name != UNDERLAY:
+        raise LabError(f"lab {st['name']} has no node, pod or external named {name!r} "
+                       f"(have: {', '.join(members(st))})")
+    if not cmd:
+        cmd = [os.environ.get("SHELL", "/bin/sh")]
+    return ["ip", "netns", "exec", name] + cmd
+
+
+def exec_in(name: str, cmd: List[str], **kw) -> subprocess.CompletedProcess:
+    """Run a command in a lab member and capture its output (for tests, demo, bench)."""
+    return subprocess.run(exec_argv(name, cmd), capture_output=True, text=True, **kw)
+
+
+def status_rows(st: dict) -> dict:
+    nodes = []
+    for name, info in st["nodes"].items():
+        alive = "-"
+        if info.get("pid"):
+            alive = "running" if os.path.exists(f"/proc/{info['pid']}") else "dead"
+        nodes.append({"name": name, "dataplane": info["dataplane"], "address": info["address"],
+                      "podCIDR": info["podCIDR"], "pid": info.get("pid") or "-", "state": alive})
+    pods = [{"name": n, **{k: v for k, v in p.items() if k != "labels"},
+             "labels": ",".join(f"{k}={v}" for k, v in p["labels"].items()) or "-"} for n, p in st["pods"].items()]
+    ext = [{"name": n, **e} for n, e in st["externals"].items()]
+    return {"name": st["name"], "nodes": nodes, "pods": pods, "externals": ext}
+
