@@ -22,7 +22,7 @@ class Bridge:
     """Ports, FDB and the local MACs of one bridge; the stages share it."""
 
     def __init__(self, fdb: Fdb | None = None) -> None:
-        self.fdb = fdb or Fdb()
+        self.fdb = fdb if fdb is not None else Fdb()
         self.ports: list = []
         self.local: Dict[bytes, Stage] = {}  # own MACs -> stage that consumes them
         self._flood: Dict[object, List] = {}
@@ -54,7 +54,6 @@ class L2Learn(Stage):
     next_names = ("l2-forward",)
     drops = {
         "bad-src-mac": "source MAC is multicast or all-zero",
-        "own-src-mac": "source MAC is one of the node's own MACs",
         "pause-frame": "802.3x pause frame (01:80:c2:00:00:01)",
         "link-local": "IEEE link-local group address not in group_fwd_mask",
     }
@@ -74,26 +73,23 @@ class L2Learn(Stage):
         src = bytes(buf[ETH_SRC:ETH_SRC + 6])
         if src == b"\0\0\0\0\0\0":
             return self.drop(pkt, "bad-src-mac")
-        if buf[ETH_DST] == 0x01 and buf[ETH_DST:ETH_DST + 5] == LINK_LOCAL_PREFIX and buf[ETH_DST + 5] < 0x10:
-            # br_handle_frame: pause frames die unlearned; other non-STP link-local
-            # groups are learned but not forwarded (group_fwd_mask 0); :00 (STP) is
-            # forwarded because STP is off.
-            last = buf[ETH_DST + 5]
-            if last == 0x01:
-                return self.drop(pkt, "pause-frame")
-            if last != 0x00:
-                if not pkt.dry_run:
-                    self.fdb.learn(src, pkt.in_port, pkt.ts)
-                pkt.note = "learned"
-                return self.drop(pkt, "link-local")
+        # br_handle_frame on IEEE link-local groups 01:80:c2:00:00:0X: pause (:01)
+        # dies unlearned; :00 (STP) is forwarded because STP is off; the others
+        # are learned but not forwarded (group_fwd_mask 0).
+        link_local = buf[ETH_DST] == 0x01 and buf[ETH_DST:ETH_DST + 5] == LINK_LOCAL_PREFIX \
+            and buf[ETH_DST + 5] < 0x10
+        if link_local and buf[ETH_DST + 5] == 0x01:
+            return self.drop(pkt, "pause-frame")
         if src in self.bridge.local:
-            return self.drop(pkt, "own-src-mac")
-        if pkt.dry_run:
+            pkt.note = "own-mac"  # never learned (br_fdb_update only warns), still forwarded
+        elif pkt.dry_run:
             e = self.fdb.get(src)
             pkt.note = ("would-learn" if e is None else
                         "static" if e.static else "would-refresh" if e.port is pkt.in_port else "would-move")
         else:
             pkt.note = self.fdb.learn(src, pkt.in_port, pkt.ts)
+        if link_local and buf[ETH_DST + 5] != 0x00:
+            return self.drop(pkt, "link-local")
         return self.fwd
 
     def trace_record(self, pkt) -> dict:

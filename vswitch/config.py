@@ -90,7 +90,7 @@ def port_spec(d: Any, path: str) -> dict:
     if not isinstance(d, dict):
         raise ConfigError(path, f"must be a mapping, got {type(d).__name__}")
     kind = d.get("type", "tap")
-    if kind not in PORT_KEYS:
+    if not isinstance(kind, str) or kind not in PORT_KEYS:
         raise ConfigError(_join(path, "type"), f"must be one of {', '.join(sorted(PORT_KEYS))}, got {kind!r}")
     _keys(d, path, PORT_KEYS[kind], {"name"})
     spec = {"type": kind, "name": _name(d["name"], _join(path, "name"), what="a port name")}
@@ -167,13 +167,15 @@ def parse(doc: Any) -> NodeConfig:
     for i, s in enumerate(static):
         path = f"bridge.static[{i}]"
         _keys(s, path, {"mac", "port"}, {"mac", "port"})
+        if not isinstance(s["mac"], str):  # YAML reads an unquoted 52:54:00:... as a base-60 number
+            raise ConfigError(f"{path}.mac", f"write the MAC in quotes, e.g. \"02:00:00:00:00:01\" (got {s['mac']!r})")
         try:
-            mac = mac_bytes(str(s["mac"]))
+            mac = mac_bytes(s["mac"])
         except ValueError:
             raise ConfigError(f"{path}.mac", f"not a MAC address: {s['mac']!r}") from None
         if mac[0] & 1:
             raise ConfigError(f"{path}.mac", "a static FDB entry must be a unicast MAC")
-        if s["port"] not in seen:
+        if not isinstance(s["port"], str) or s["port"] not in seen:
             raise ConfigError(f"{path}.port", f"no port named {s['port']!r}")
         cfg.static.append((mac, s["port"]))
 

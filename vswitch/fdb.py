@@ -2,7 +2,8 @@
 
 - Learning: a frame *from* a MAC creates or refreshes its entry and moves it
   to the ingress port (br_fdb_update). Lookups never refresh.
-- Ageing: an entry not refreshed for ``ageing`` seconds (300 by default,
+- Ageing: an entry not refreshed for ``ageing`` seconds (``updated + ageing <= now``,
+  has_expired() in br_fdb.c) (300 by default,
   BR_DEFAULT_AGEING_TIME) is gone: lookups treat it as missing at once, and
   ``expire`` reclaims the memory on a periodic sweep, as br_fdb_cleanup does.
 - Bound: at most ``max_learned`` learned entries (the kernel's
@@ -60,12 +61,12 @@ class Fdb:
         if e is not None:
             if e.static:
                 return STATIC
+            if now - e.updated >= self.ageing:  # expired but not yet swept: a new learn
+                e.port, e.updated = port, now
+                return NEW
             if e.port is port:
                 e.updated = now
                 return REFRESH
-            if now - e.updated > self.ageing:  # expired but not yet swept: a new learn
-                e.port, e.updated = port, now
-                return NEW
             e.port, e.updated = port, now
             self.moves += 1
             return MOVE
@@ -80,14 +81,14 @@ class Fdb:
         e = self.table.get(mac)
         if e is None:
             return None
-        if not e.static and now - e.updated > self.ageing:
+        if not e.static and now - e.updated >= self.ageing:
             return None
         return e.port
 
     # --- control ------------------------------------------------------------
     def expire(self, now: float) -> int:
         """Remove dynamic entries older than the ageing time; returns how many."""
-        dead = [m for m, e in self.table.items() if not e.static and now - e.updated > self.ageing]
+        dead = [m for m, e in self.table.items() if not e.static and now - e.updated >= self.ageing]
         for m in dead:
             del self.table[m]
         self.learned -= len(dead)
@@ -127,7 +128,7 @@ class Fdb:
         out = []
         for e in self.table.values():
             age = None if e.static else now - e.updated
-            if age is not None and age > self.ageing:
+            if age is not None and age >= self.ageing:
                 continue
             out.append({"mac": mac_str(e.mac), "port": e.port.name, "static": e.static,
                         "age": None if age is None else round(age, 1)})

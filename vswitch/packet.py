@@ -11,6 +11,7 @@ port without being copied or re-segmented. Stages touch headers with
 
 from __future__ import annotations
 
+import re
 import struct
 from itertools import count
 
@@ -48,6 +49,7 @@ BROADCAST = b"\xff" * 6
 ZERO_MAC = bytes(6)
 
 _ids = count(1)
+_HEX_BYTE = re.compile(r"[0-9A-Fa-f]{1,2}")
 
 
 def mac_str(mac: bytes) -> str:
@@ -57,7 +59,7 @@ def mac_str(mac: bytes) -> str:
 def mac_bytes(text: str) -> bytes:
     """Parse 'aa:bb:cc:dd:ee:ff' (or '-' separated) into 6 bytes; ValueError if malformed."""
     parts = text.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) in (1, 2) for p in parts):
+    if len(parts) != 6 or not all(_HEX_BYTE.fullmatch(p) for p in parts):
         raise ValueError(f"not a MAC address: {text!r}")
     return bytes(int(p, 16) for p in parts)
 
