@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
-from vswitch.lab import exec_argv, exec_in
+from vswitch.lab.traffic import iperf3, rx_packets
 from vswitch.sandbox import enter, in_sandbox
 
 SMALL_PAYLOAD = 18  # 14 Ethernet + 20 IP + 8 UDP + 18 = 60 bytes on the wire (64 with the FCS)
@@ -27,35 +26,9 @@ def ensure_sandbox(script: str) -> None:
         sys.exit(enter([sys.executable, script] + sys.argv[1:]))
 
 
-def rx_packets(netns: str, dev: str = "eth0") -> int:
-    return int(exec_in(netns, ["cat", f"/sys/class/net/{dev}/statistics/rx_packets"]).stdout)
-
-
-def _iperf(server: str, client: str, server_ip: str, args: Sequence[str], seconds: float) -> dict:
-    srv = subprocess.Popen(exec_argv(server, ["iperf3", "-s", "-1", "-B", server_ip]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):  # wait (at most 5 s) for the server to listen
-            res = exec_in(client, ["iperf3", "-J", "-c", server_ip, "-t", str(seconds), *args],
-                          timeout=seconds + 30)
-            out = json.loads(res.stdout or "{}")
-            if "error" not in out or "refused" not in out["error"]:
-                break
-            time.sleep(0.1)
-        if "error" in out:
-            raise RuntimeError(f"iperf3 {client} -> {server_ip}: {out['error']}")
-        return out
-    finally:
-        try:
-            srv.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
-
-
 def tcp_gbps(server: str, client: str, server_ip: str, seconds: float) -> float:
     """Single-stream TCP throughput received by the server, Gbit/s."""
-    out = _iperf(server, client, server_ip, [], seconds)
+    out = iperf3(server, client, server_ip, seconds)
     return out["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -63,7 +36,7 @@ def udp_small_pps(server: str, client: str, server_ip: str, seconds: float) -> d
     """64-byte UDP frames as fast as iperf3 sends them; packets/s delivered to the server pod's eth0."""
     before = rx_packets(server)
     t0 = time.monotonic()
-    out = _iperf(server, client, server_ip, ["-u", "-b", "0", "-l", str(SMALL_PAYLOAD)], seconds)
+    out = iperf3(server, client, server_ip, seconds, ["-u", "-b", "0", "-l", str(SMALL_PAYLOAD)])
     elapsed = time.monotonic() - t0
     delivered = rx_packets(server) - before
     s = out["end"]["sum"]

@@ -182,7 +182,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    # argparse gives a nargs="*" positional nothing once a flag comes first, so
+    # `port add NAME --node N netns=x` leaves KEY=VALUE settings over: take them here.
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if args.command == "port" and args.action == "add" and all("=" in e and not e.startswith("-") for e in extra):
+            args.opt += extra
+        else:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
     from .lab.lab import LabError
     from .netns import NetnsError
     try:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
-import subprocess
-import time
 from importlib import resources
 
 import yaml
 
 from .. import control, tables
-from .lab import down, exec_argv, exec_in, socket_for, up
+from .lab import down, exec_in, socket_for, up
+from .traffic import TrafficError, iperf3
 from .topology import parse
 
 
@@ -29,33 +27,6 @@ def ping(src: str, dst_ip: str, count: int = 3) -> tuple:
             received = int(line.split(",")[1].split()[0])
     rtt = next((ln.split("=")[1].split("/")[1] for ln in res.stdout.splitlines() if ln.startswith("rtt")), "-")
     return received, rtt
-
-
-def iperf3(server: str, client: str, server_ip: str, seconds: int = 3, extra=()) -> dict:
-    """One iperf3 run between two lab members; returns the client's JSON summary."""
-    srv = subprocess.Popen(exec_argv(server, ["iperf3", "-s", "-1", "-B", server_ip]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 5
-        while True:
-            res = exec_in(client, ["iperf3", "-J", "-c", server_ip, "-t", str(seconds), *extra],
-                          timeout=seconds + 30)
-            if res.returncode == 0 or time.monotonic() > deadline or "refused" not in res.stdout:
-                break
-            time.sleep(0.1)  # the server is not listening yet
-        try:
-            out = json.loads(res.stdout)
-        except ValueError:
-            out = {"error": res.stdout[-400:] + res.stderr[-400:]}
-        if res.returncode != 0 or "error" in out:
-            raise RuntimeError(f"iperf3 {client} -> {server} failed: {out.get('error')}")
-        return out
-    finally:
-        try:
-            srv.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
 
 
 def demo() -> int:
@@ -78,10 +49,10 @@ def demo() -> int:
             ok = False
         else:
             try:
-                r = iperf3("web-1", "client", pods["web-1"]["ip"])
+                r = iperf3("web-1", "client", pods["web-1"]["ip"], 3)
                 gbps = r["end"]["sum_received"]["bits_per_second"] / 1e9
                 print(f"   {gbps:.2f} Gbit/s received")
-            except RuntimeError as e:
+            except TrafficError as e:
                 print(f"   {e}")
                 ok = False
         sock = socket_for("node1")
