@@ -215,7 +215,7 @@ def test_link_local_from_bad_source_is_bad_src(node):
 
 def test_own_mac_never_learned_from_link_local_frame(node):
     own = mac_bytes(C)
-    node.bridge.local[own] = node.graph.stages["drop"]  # any stage: only the key matters to l2-learn
+    node.bridge.add_local(own, node.graph.stages["drop"])  # any stage: only the key matters to l2-learn
     node.port("p1").inject(frame(C, "01:80:c2:00:00:0e"), ts=T0)
     assert node.bridge.fdb.get(own) is None
 
@@ -236,7 +236,7 @@ def test_frame_to_own_mac_is_delivered_locally_not_forwarded(node):
     node.port("p2").inject(frame(C, BCAST), ts=T0)  # C learned on p2 first...
     take_all(node)
     sink = LocalSink()
-    node.bridge.local[mac_bytes(C)] = sink  # ...then it becomes the node's own MAC
+    node.bridge.add_local(mac_bytes(C), sink)  # ...then it becomes the node's own MAC
     f = frame(A, C)
     node.port("p1").inject(f, ts=T0 + 1)
     assert sink.got == [f]
@@ -245,7 +245,7 @@ def test_frame_to_own_mac_is_delivered_locally_not_forwarded(node):
 
 def test_own_mac_source_not_learned(node):
     own = mac_bytes(C)
-    node.bridge.local[own] = node.graph.stages["drop"]
+    node.bridge.add_local(own, node.graph.stages["drop"])
     node.port("p1").inject(frame(C, B), ts=T0)
     assert node.bridge.fdb.get(own) is None
 

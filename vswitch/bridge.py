@@ -24,8 +24,18 @@ class Bridge:
     def __init__(self, fdb: Fdb | None = None) -> None:
         self.fdb = fdb if fdb is not None else Fdb()
         self.ports: list = []
-        self.local: Dict[bytes, Stage] = {}  # own MACs -> stage that consumes them
+        # MACs the node owns (the router's interface on this bridge) -> (stage, tag):
+        # unicast to them leaves the bridge for that stage, with pkt.iface = tag, and
+        # broadcast/multicast is flooded *and* handed to it (the kernel delivers
+        # such frames to the bridge device too).
+        self.local: Dict[bytes, tuple] = {}
+        self.listener: tuple | None = None
         self._flood: Dict[object, List] = {}
+
+    def add_local(self, mac: bytes, stage: Stage, tag=None) -> None:
+        self.local[mac] = (stage, tag)
+        if self.listener is None:
+            self.listener = (stage, tag)
 
     def add_port(self, port) -> None:
         if port in self.ports:
@@ -135,7 +145,8 @@ class L2Forward(Stage):
         local = self.bridge.local.get(dst)
         if local is not None:
             pkt.note = "local"
-            return local
+            pkt.iface = local[1]
+            return local[0]
         port = self.fdb.lookup(dst, pkt.ts)
         if port is None:
             return self._flood(pkt, "flood-unknown")
@@ -149,13 +160,21 @@ class L2Forward(Stage):
     def _flood(self, pkt, why: str):
         ports = self.bridge.flood_ports(pkt.in_port)
         pkt.note = why
-        if not ports:
+        listener = self.bridge.listener if why != "flood-unknown" else None
+        if listener is not None and pkt.in_port is not listener[1]:
+            pkt.iface = listener[1]
+            if not ports:
+                return listener[0]
+            pkt.then = listener[0]
+        elif not ports:
             return self.drop(pkt, "flood-empty")
         pkt.out_ports = ports
         return self.tx
 
     def trace_record(self, pkt) -> dict:
         rec = {"dst": mac_str(pkt.dst), "decision": pkt.note}
+        if pkt.then is not None or pkt.note == "local":
+            rec["local"] = str(pkt.iface)
         if pkt.note == "hit":
             rec["port"] = pkt.out_port.name
         elif pkt.note and pkt.note.startswith("flood"):
@@ -169,8 +188,9 @@ class L2Forward(Stage):
         if d == "hit":
             return f"dst {rec['dst']}: FDB hit -> {rec['port']}"
         if d == "local":
-            return f"dst {rec['dst']}: node's own MAC -> local"
+            return f"dst {rec['dst']}: node's own MAC -> {rec['local']}"
         if d == "same-port":
             return f"dst {rec['dst']}: learned on ingress port {rec['port']} and hairpin is off"
         kind = {"flood-bcast": "broadcast", "flood-mcast": "multicast", "flood-unknown": "FDB miss"}.get(d, d)
-        return f"dst {rec['dst']}: {kind}, flood -> {', '.join(rec.get('ports', [])) or '(none)'}"
+        also = f" and {rec['local']}" if "local" in rec else ""
+        return f"dst {rec['dst']}: {kind}, flood -> {', '.join(rec.get('ports', [])) or '(none)'}{also}"

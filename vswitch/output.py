@@ -14,7 +14,7 @@ class PortTx(Stage):
     def process(self, pkt):
         if pkt.dry_run:
             pkt.note = "dry-run"
-            return None
+            return pkt.then
         port = pkt.out_port
         if port is not None:
             if not port.send(pkt.buf):
@@ -23,15 +23,18 @@ class PortTx(Stage):
         buf = pkt.buf
         for port in pkt.out_ports:
             port.send(buf)  # a failed copy of a flood is counted by the port
-        return None
+        return pkt.then
 
     def trace_record(self, pkt) -> dict:
         ports = [pkt.out_port] if pkt.out_port is not None else list(pkt.out_ports or ())
         rec = {"ports": [p.name for p in ports], "len": len(pkt)}
         if pkt.note == "dry-run":
             rec["dry_run"] = True
+        if pkt.then is not None:
+            rec["then"] = pkt.then.name
         return rec
 
     def format_trace(self, rec: dict) -> str:
         line = f"out {', '.join(rec['ports'])} len {rec['len']}"
-        return line + (" (dry run: not sent)" if rec.get("dry_run") else "")
+        line += " (dry run: not sent)" if rec.get("dry_run") else ""
+        return line + (f", then {rec['then']}" if rec.get("then") else "")

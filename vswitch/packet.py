@@ -74,9 +74,11 @@ class Packet:
 
     __slots__ = (
         "buf", "in_port", "ts", "id",
-        "out_port", "out_ports",
+        "out_port", "out_ports", "then",
         "drop_stage", "drop_reason",
         "trace", "note", "dry_run",
+        # L3 decisions (router, nat, overlay stages fill these in)
+        "l3", "iface", "route", "nh", "out_iface", "icmp",
     )
 
     def __init__(self, buf, in_port=None, ts: float = 0.0, trace=None, dry_run: bool = False):
@@ -86,11 +88,14 @@ class Packet:
         self.id = 0  # assigned lazily (capture/trace) so the fast path stays cheap
         self.out_port = None
         self.out_ports = None
+        self.then = None  # a stage to continue with after port-tx (a flood the router also hears)
         self.drop_stage = None
         self.drop_reason = None
         self.trace = trace
         self.note = None  # the last stage's decision, for its trace formatter
         self.dry_run = dry_run
+        self.l3 = 0  # offset of the IP header in buf
+        self.iface = self.route = self.nh = self.out_iface = self.icmp = None
 
     @classmethod
     def from_frame(cls, frame: bytes, in_port=None, ts: float = 0.0, vnet: bytes = ZERO_VNET, **kw) -> "Packet":
