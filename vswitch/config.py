@@ -8,6 +8,7 @@ See docs/config.md for the schema with examples.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
@@ -126,10 +127,10 @@ class NodeConfig:
     ports: List[dict] = field(default_factory=list)
     socket: str = DEFAULT_SOCKET
     log_level: str = "info"
+    router: dict | None = None  # {"interfaces": [...], "routes": [(path, text)]}
 
 
 LATER = {
-    "router": "routing arrives with the router issue",
     "services": "Services arrive with the nat issue; manifests go through `vswitch apply`",
     "vxlan": "the VXLAN overlay arrives with the overlay issue",
 }
@@ -137,7 +138,7 @@ LATER = {
 
 def parse(doc: Any) -> NodeConfig:
     """Validate a config mapping (already loaded from YAML) into a NodeConfig."""
-    _keys(doc, "", {"name", "bridge", "ports", "control", "log"}, {"name"}, later=LATER)
+    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router"}, {"name"}, later=LATER)
     cfg = NodeConfig(name=_name(doc["name"], "name", what="a node name"))
 
     bridge = _keys(doc.get("bridge", {}) or {}, "bridge", {"ageing", "max_learned", "static"})
@@ -179,6 +180,9 @@ def parse(doc: Any) -> NodeConfig:
             raise ConfigError(f"{path}.port", f"no port named {s['port']!r}")
         cfg.static.append((mac, s["port"]))
 
+    if doc.get("router") is not None:
+        cfg.router = _router(doc["router"], seen)
+
     control = _keys(doc.get("control", {}) or {}, "control", {"socket"})
     sock = control.get("socket", DEFAULT_SOCKET)
     if not isinstance(sock, str) or not sock.startswith("/") or len(sock.encode()) > 107:
@@ -193,6 +197,68 @@ def parse(doc: Any) -> NodeConfig:
     return cfg
 
 
+IFACE_KEYS = {"name", "address", "addresses", "mac", "mtu", "port", "host", "redirects"}
+
+
+def _router(doc: Any, ports: Dict[str, str]) -> dict:
+    """router: {interfaces: [...], routes: [...]}; route texts are parsed when the node is built."""
+    _keys(doc, "router", {"interfaces", "routes"}, {"interfaces"})
+    ifaces, names, used_ports = [], set(), {}
+    raw = doc["interfaces"]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("router.interfaces", "must be a non-empty list")
+    for i, d in enumerate(raw):
+        path = f"router.interfaces[{i}]"
+        _keys(d, path, IFACE_KEYS, {"name"})
+        name = _name(d["name"], _join(path, "name"), what="an interface name")
+        if name in names:
+            raise ConfigError(_join(path, "name"), f"duplicate router interface {name!r}")
+        names.add(name)
+        addrs = d.get("addresses", [d["address"]] if "address" in d else [])
+        if not isinstance(addrs, list) or not addrs:
+            raise ConfigError(path, "needs address (or addresses: a list)")
+        parsed = []
+        for j, a in enumerate(addrs):
+            try:
+                if not isinstance(a, str) or "/" not in a:
+                    raise ValueError("needs a prefix length")
+                parsed.append(ipaddress.IPv4Interface(a))
+            except ValueError as e:
+                raise ConfigError(f"{path}.address{'es[%d]' % j if 'addresses' in d else ''}",
+                                  f"must be an IPv4 address with prefix length like 10.244.1.1/24, got {a!r} ({e})") from None
+        spec = {"name": name, "addresses": parsed, "mtu": _int(d.get("mtu", 1500), _join(path, "mtu"), 68, 65535),
+                "host": _bool(d.get("host", False), _join(path, "host")),
+                "redirects": _bool(d.get("redirects", True), _join(path, "redirects")), "port": None, "mac": None}
+        if "mac" in d:
+            if not isinstance(d["mac"], str):
+                raise ConfigError(_join(path, "mac"), f"write the MAC in quotes (got {d['mac']!r})")
+            try:
+                spec["mac"] = mac_bytes(d["mac"])
+            except ValueError:
+                raise ConfigError(_join(path, "mac"), f"not a MAC address: {d['mac']!r}") from None
+            if spec["mac"][0] & 1:
+                raise ConfigError(_join(path, "mac"), "must be a unicast MAC")
+        if "port" in d:
+            port = d["port"]
+            if not isinstance(port, str) or port not in ports:
+                raise ConfigError(_join(path, "port"), f"no port named {port!r} in ports")
+            if port in used_ports:
+                raise ConfigError(_join(path, "port"), f"port {port!r} already belongs to {used_ports[port]}")
+            used_ports[port] = path
+            spec["port"] = port
+        elif spec["host"]:
+            raise ConfigError(_join(path, "host"), "the host interface needs its own port (an internal tap)")
+        ifaces.append(spec)
+    if sum(1 for s in ifaces if s["port"] is None) > 1:
+        raise ConfigError("router.interfaces", "at most one interface can sit on the bridge (no port)")
+    if sum(1 for s in ifaces if s["host"]) > 1:
+        raise ConfigError("router.interfaces", "at most one interface can be the host's")
+    routes = doc.get("routes", []) or []
+    if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+        raise ConfigError("router.routes", "must be a list of `ip route`-style strings")
+    return {"interfaces": ifaces, "routes": [(f"router.routes[{i}]", r) for i, r in enumerate(routes)]}
+
+
 def load(path: str) -> NodeConfig:
     try:
         with open(path) as f:
@@ -204,16 +270,3 @@ def load(path: str) -> NodeConfig:
     if doc is None:
         raise ConfigError("", f"{path} is empty")
     return parse(doc)
-
-
-def dump(cfg: NodeConfig) -> dict:
-    """The inverse of parse, for writing lab node configs."""
-    return {
-        "name": cfg.name,
-        "bridge": {"ageing": cfg.ageing, "max_learned": cfg.max_learned,
-                   "static": [{"mac": m.hex(":"), "port": p} for m, p in cfg.static]},
-        "ports": [{k: v for k, v in p.items()} for p in cfg.ports],
-        "control": {"socket": cfg.socket},
-        "log": {"level": cfg.log_level},
-    }
-

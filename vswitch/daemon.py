@@ -13,7 +13,8 @@ from .config import ConfigError, NodeConfig, load
 from .node import TABLES, Node
 
 log = logging.getLogger("vswitch.daemon")
-EXPIRE_INTERVAL = 1.0  # FDB sweep period (lookups already ignore aged entries)
+TICK = 0.1  # neighbour timers (ARP retransmits are 1 s apart)
+EXPIRE_EVERY = 10  # ticks between FDB sweeps (lookups already ignore aged entries)
 
 
 class Commands:
@@ -73,12 +74,16 @@ async def serve_node(cfg: NodeConfig, ready=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async def sweep():
+    async def timers():
+        n = 0
         while True:
-            await asyncio.sleep(EXPIRE_INTERVAL)
-            node.expire()
+            await asyncio.sleep(TICK)
+            node.tick()
+            n += 1
+            if n % EXPIRE_EVERY == 0:
+                node.expire()
 
-    sweeper = loop.create_task(sweep())
+    sweeper = loop.create_task(timers())
     log.info("node %s up: %d ports, control socket %s", node.name, len(node.ports), cfg.socket)
     if ready is not None:
         ready(node)

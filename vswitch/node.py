@@ -11,7 +11,7 @@ from time import monotonic
 from typing import Callable, Dict, Optional
 
 from .bridge import Bridge, L2Forward, L2Learn
-from .config import NodeConfig, port_spec
+from .config import ConfigError, NodeConfig, port_spec
 from .ethernet import EthInput
 from .fdb import Fdb
 from .output import PortTx
@@ -31,10 +31,38 @@ class Node:
         self.graph = Graph()
         for stage in (EthInput(), L2Learn(self.bridge), L2Forward(self.bridge), PortTx()):
             self.graph.add(stage)
+        self.router = self.router_io = None
+        self.router_ports: Dict[str, object] = {}  # port name -> router interface owning it
+        if cfg.router is not None:
+            self._build_router(cfg.router)
         self.graph.build("eth-input")
+        if self.router_io is not None:
+            self.router_io.bind(self.graph)
         self.ports: Dict[str, Port] = {}
         self.loop = None
         self._next_index = 1
+
+    def _build_router(self, rcfg: dict) -> None:
+        """Interfaces and routes from the config; raises ConfigError before any port exists."""
+        from router.interface import Interface, stable_mac
+        from router.router import Router
+        from router.stages import add_router_stages
+
+        self.router = Router(self.clock)
+        self.router_io = add_router_stages(self.graph, self.router)
+        for spec in rcfg["interfaces"]:
+            iface = Interface(spec["name"], spec["mac"] or stable_mac(self.name, spec["name"]), spec["addresses"],
+                              spec["mtu"], proxy_arp=spec["host"], send_redirects=spec["redirects"])
+            self.router.add_interface(iface, host=spec["host"])
+            if spec["port"] is None:
+                self.bridge.add_local(iface.mac, self.graph.stages["l3-input"], iface)
+            else:
+                self.router_ports[spec["port"]] = iface
+        for path, text in rcfg["routes"]:
+            try:
+                self.router.add_route(text)
+            except ValueError as e:
+                raise ConfigError(path, str(e)) from None
 
     # --- ports --------------------------------------------------------------
     def add_port(self, spec: dict, path: str = "port") -> Port:
@@ -52,9 +80,14 @@ class Node:
         """Attach an already-open port to the bridge and start receiving from it."""
         port.index = self._next_index
         self._next_index += 1
-        port.entry = self.graph.entry
         self.ports[port.name] = port
-        self.bridge.add_port(port)
+        iface = self.router_ports.get(port.name)
+        if iface is not None:  # a routed port (uplink, host): frames go straight to the router
+            iface.port, port.iface = port, iface
+            port.entry = self.graph.stages["l3-input"]
+        else:
+            port.entry = self.graph.entry
+            self.bridge.add_port(port)
         port.start(self.loop, self.receive)
         log.info("port %s (%s) attached as index %d", port.name, port.kind, port.index)
         return port
@@ -63,7 +96,11 @@ class Node:
         port = self.ports.pop(name, None)
         if port is None:
             raise KeyError(f"no port named {name!r}")
-        self.bridge.remove_port(port)
+        if port.iface is not None:
+            port.iface.port = None
+            port.iface = None
+        else:
+            self.bridge.remove_port(port)
         port.close()
         log.info("port %s removed", name)
 
@@ -106,6 +143,11 @@ class Node:
     def expire(self) -> int:
         return self.bridge.fdb.expire(self.clock())
 
+    def tick(self) -> None:
+        """Drive timers (ARP retransmits, neighbour state changes)."""
+        if self.router_io is not None:
+            self.router_io.tick(self.clock())
+
     def show(self, table: str) -> list:
         now = self.clock()
         if table == "ports":
@@ -116,6 +158,14 @@ class Node:
             return self.stats()
         if table == "drops":
             return self.graph.drop_table()
+        if table in ("routes", "neigh", "interfaces"):
+            if self.router is None:
+                raise KeyError(f"node {self.name} has no router (no `router:` in its config)")
+            if table == "routes":
+                return self.router.route_rows()
+            if table == "neigh":
+                return self.router.neigh_rows()
+            return [i.info() for i in self.router.ifaces.values()]
         raise KeyError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
 
     def stats(self) -> list:
@@ -139,4 +189,4 @@ class Node:
         return self.bridge.fdb.delete(mac_bytes(mac))
 
 
-TABLES = ("ports", "fdb", "stats", "drops")
+TABLES = ("ports", "fdb", "stats", "drops", "routes", "neigh", "interfaces")

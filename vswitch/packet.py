@@ -78,7 +78,7 @@ class Packet:
         "drop_stage", "drop_reason",
         "trace", "note", "dry_run",
         # L3 decisions (router, nat, overlay stages fill these in)
-        "l3", "iface", "route", "nh", "out_iface", "icmp",
+        "l3", "ip", "iface", "route", "nh", "out_iface", "icmp",
     )
 
     def __init__(self, buf, in_port=None, ts: float = 0.0, trace=None, dry_run: bool = False):
@@ -95,7 +95,7 @@ class Packet:
         self.note = None  # the last stage's decision, for its trace formatter
         self.dry_run = dry_run
         self.l3 = 0  # offset of the IP header in buf
-        self.iface = self.route = self.nh = self.out_iface = self.icmp = None
+        self.ip = self.iface = self.route = self.nh = self.out_iface = self.icmp = None
 
     @classmethod
     def from_frame(cls, frame: bytes, in_port=None, ts: float = 0.0, vnet: bytes = ZERO_VNET, **kw) -> "Packet":

@@ -49,7 +49,29 @@ def drops(rows: List[dict], node: str = "") -> str:
     return columns(rows, [("STAGE", "stage"), ("REASON", "reason"), ("COUNT", "count"), ("MEANING", "text")])
 
 
-RENDER: Dict[str, Callable[..., str]] = {"fdb": fdb, "ports": ports, "stats": stats, "drops": drops}
+def routes(rows: List[dict], node: str = "") -> str:
+    """Like `ip route`: the rows carry the line already."""
+    return "\n".join(r["text"] for r in rows) or "(no routes)"
+
+
+def neigh(rows: List[dict], node: str = "") -> str:
+    """Like `ip neigh`: 10.244.1.5 dev pods lladdr 02:..:05 REACHABLE."""
+    out = []
+    for r in rows:
+        line = f"{r['ip']} dev {r['dev']}"
+        if r.get("lladdr"):
+            line += f" lladdr {r['lladdr']}"
+        out.append(f"{line} {r['state']}" + (f" ({r['queued']} queued)" if r.get("queued") else ""))
+    return "\n".join(out) or "(no neighbours)"
+
+
+def interfaces(rows: List[dict], node: str = "") -> str:
+    return columns(rows, [("IFACE", "name"), ("KIND", "kind"), ("PORT", lambda r: r["port"] or "(bridge)"),
+                          ("MAC", "mac"), ("MTU", "mtu"), ("ADDRESSES", lambda r: " ".join(r["addresses"]))])
+
+
+RENDER: Dict[str, Callable[..., str]] = {"fdb": fdb, "ports": ports, "stats": stats, "drops": drops,
+                                         "routes": routes, "neigh": neigh, "interfaces": interfaces}
 
 
 def render(table: str, rows, node: str = "vswitch", fmt: str = "table") -> str:

@@ -103,39 +103,53 @@ def up(topo: Topology | str, log=print) -> dict:
     return st
 
 
+HOST_NET = ("169.254.1.1/30", "169.254.1.2/30")  # router side / kernel side of a vswitch node's host port
+
+
 def _build(topo: Topology, st: dict, log) -> None:
-    if topo.backend and len(topo.nodes) > 1:
-        log(f"note: backend {topo.backend}: pods reach pods on their own node, externals and nodes share the "
-            "underlay; forwarding between nodes' pod CIDRs arrives with the router and overlay issues")
+    if topo.backend == "vxlan" and len(topo.nodes) > 1:
+        log("note: backend vxlan: the overlay arrives with the overlay issue; pods reach pods on their own "
+            "node only (use backend: host-gw to route between nodes)")
     _add_netns(st, UNDERLAY)
     ip("link", "add", "br0", "type", "bridge", netns=UNDERLAY)
     ip("link", "set", "br0", "up", netns=UNDERLAY)
-    hosts = [(n.name, n.address, n.mtu) for n in topo.nodes] + [(e.name, e.address, 1500) for e in topo.externals]
-    for i, (name, addr, mtu) in enumerate(hosts):
-        _add_netns(st, name)
-        uport = f"u{i}"
-        ip("link", "add", uport, "mtu", str(mtu), "type", "veth", "peer", "name", "eth0", "mtu", str(mtu),
-           "netns", name, netns=UNDERLAY)
-        ip("link", "set", uport, "master", "br0", "up", netns=UNDERLAY)
-        ip("addr", "add", str(addr), "dev", "eth0", netns=name)
-        ip("link", "set", "eth0", "up", netns=name)
-    for e in topo.externals:
+    uports = {}
+    for i, n in enumerate(topo.nodes):
+        _add_netns(st, n.name)
+        uports[n.name] = f"u{i}"
+        if n.dataplane == "kernel":
+            _underlay_veth(uports[n.name], n.name, str(n.address), topo.underlay_mtu)
+    for i, e in enumerate(topo.externals):
+        _add_netns(st, e.name)
+        _underlay_veth(f"x{i}", e.name, str(e.address), topo.underlay_mtu)
         st["externals"][e.name] = {"address": str(e.address), "mac": _link_mac(e.name, "eth0")}
     for pod in topo.pods:
         _add_netns(st, pod.name)
     for node in topo.nodes:
         pods = [p for p in topo.pods if p.node == node.name]
+        routes = [f"{o.pod_cidr} via {o.address.ip}" for o in topo.nodes
+                  if o is not node and topo.backend == "host-gw"]
         info = {"dataplane": node.dataplane, "address": str(node.address), "podCIDR": str(node.pod_cidr),
                 "gateway": str(node.gateway), "pid": None, "socket": None}
         st["nodes"][node.name] = info
         if node.dataplane == "vswitch":
-            _start_vswitch(node, pods, info, st)
+            _start_vswitch(node, pods, info, st, uports[node.name], topo.underlay_mtu, routes)
+            ip("link", "set", uports[node.name], "master", "br0", "up", netns=UNDERLAY)
+            _configure_host_port(node)
         else:
-            _build_kernel_node(node, pods)
+            _build_kernel_node(node, pods, routes)
         for pod in pods:
             _configure_pod(pod, node, st)
         _save(st)
         log(f"node {node.name} ({node.dataplane}) up with {len(pods)} pods")
+
+
+def _underlay_veth(uport: str, netns: str, addr: str, mtu: int) -> None:
+    ip("link", "add", uport, "mtu", str(mtu), "type", "veth", "peer", "name", "eth0", "mtu", str(mtu),
+       "netns", netns, netns=UNDERLAY)
+    ip("link", "set", uport, "master", "br0", "up", netns=UNDERLAY)
+    ip("addr", "add", addr, "dev", "eth0", netns=netns)
+    ip("link", "set", "eth0", "up", netns=netns)
 
 
 def _tap_name(pod: str, i: int) -> str:
@@ -143,14 +157,33 @@ def _tap_name(pod: str, i: int) -> str:
     return name if len(name) <= 15 else f"tap{i}"
 
 
-def _start_vswitch(node, pods, info: dict, st: dict) -> None:
+def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: int, routes: list) -> None:
+    """Config and daemon of a vswitch node.
+
+    Its uplink is a TAP the daemon moves into the underlay namespace (so the
+    node's kernel never sees underlay frames and cannot answer for the node
+    address the router owns); its host stack sits behind the internal TAP
+    `vsw0`, which holds the node address as /32 (see docs/lab.md).
+    """
     sock = os.path.join(LAB_DIR, f"{node.name}.sock")
     cfg_path = os.path.join(LAB_DIR, f"{node.name}.yaml")
     log_path = os.path.join(LAB_DIR, f"{node.name}.log")
+    ports = [{"name": p.name, "type": "tap", "ifname": _tap_name(p.name, i), "netns": p.name,
+              "netns_ifname": "eth0", "mtu": node.mtu} for i, p in enumerate(pods)]
+    ports.append({"name": "uplink", "type": "tap", "ifname": "uplink", "netns": UNDERLAY, "netns_ifname": uport,
+                  "mtu": underlay_mtu, "hairpin": False})
+    ports.append({"name": "host", "type": "tap", "ifname": "vsw0", "mtu": node.mtu, "hairpin": False})
     cfg = {
         "name": node.name,
-        "ports": [{"name": p.name, "type": "tap", "ifname": _tap_name(p.name, i), "netns": p.name,
-                   "netns_ifname": "eth0", "mtu": node.mtu} for i, p in enumerate(pods)],
+        "ports": ports,
+        "router": {
+            "interfaces": [
+                {"name": "pods", "address": str(node.gateway), "mtu": node.mtu},
+                {"name": "uplink", "port": "uplink", "address": str(node.address), "mtu": underlay_mtu},
+                {"name": "host", "port": "host", "address": HOST_NET[0], "host": True, "mtu": node.mtu},
+            ],
+            "routes": routes,
+        },
         "control": {"socket": sock},
     }
     with open(cfg_path, "w") as f:
@@ -174,7 +207,15 @@ def _start_vswitch(node, pods, info: dict, st: dict) -> None:
             time.sleep(0.05)
 
 
-def _build_kernel_node(node, pods) -> None:
+def _configure_host_port(node) -> None:
+    n = node.name
+    ip("addr", "add", HOST_NET[1], "dev", "vsw0", netns=n)
+    ip("addr", "add", f"{node.address.ip}/32", "dev", "vsw0", netns=n)
+    ip("route", "add", "default", "via", HOST_NET[0].split("/")[0], "dev", "vsw0", "src", str(node.address.ip),
+       netns=n)
+
+
+def _build_kernel_node(node, pods, routes: list) -> None:
     """A node as flannel's CNI config builds it: cni0 bridge, veth pods with hairpin on."""
     n = node.name
     ip("link", "add", "cni0", "mtu", str(node.mtu), "type", "bridge", netns=n)
@@ -189,6 +230,8 @@ def _build_kernel_node(node, pods) -> None:
         ip("link", "set", host, "type", "bridge_slave", "hairpin", "on", netns=n)
         ip("link", "set", host, "up", netns=n)
         ip("link", "set", "eth0", "up", netns=pod.name)
+    for r in routes:  # host-gw: other nodes' pod CIDRs via their node addresses
+        ip("route", "add", *r.split(), netns=n)
 
 
 def _configure_pod(pod, node, st: dict) -> None:

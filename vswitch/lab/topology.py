@@ -10,7 +10,7 @@ import yaml
 
 from ..config import ConfigError, _int, _join, _keys, _name
 
-RESERVED = {"underlay"}  # the lab's own namespace for the underlay segment
+RESERVED = {"underlay", "uplink", "host"}  # the underlay namespace; port names of every vswitch node
 DATAPLANES = ("vswitch", "kernel")
 BACKENDS = ("vxlan", "host-gw")
 LATER = {
@@ -53,6 +53,7 @@ class Topology:
     pod_cidr: ipaddress.IPv4Network
     service_cidr: ipaddress.IPv4Network
     backend: Optional[str]
+    underlay_mtu: int
     nodes: List[NodeSpec]
     pods: List[PodSpec]
     externals: List[ExternalSpec]
@@ -87,7 +88,8 @@ def _list(doc: dict, key: str) -> list:
 def parse(doc: Any) -> Topology:
     _keys(doc, "", {"name", "cluster", "nodes", "pods", "externals"}, {"name", "nodes"}, later=LATER)
     name = _name(doc["name"], "name", what="a lab name")
-    cluster = _keys(doc.get("cluster", {}) or {}, "cluster", {"podCIDR", "serviceCIDR", "backend"})
+    cluster = _keys(doc.get("cluster", {}) or {}, "cluster", {"podCIDR", "serviceCIDR", "backend", "underlayMTU"})
+    underlay_mtu = _int(cluster.get("underlayMTU", 1500), "cluster.underlayMTU", 576, 9000)
     pod_cidr = _net(cluster.get("podCIDR", "10.244.0.0/16"), "cluster.podCIDR")
     service_cidr = _net(cluster.get("serviceCIDR", "10.96.0.0/12"), "cluster.serviceCIDR")
     if pod_cidr.overlaps(service_cidr):
@@ -169,7 +171,7 @@ def parse(doc: Any) -> Topology:
                 raise ConfigError(_join(path, "ip"), f"{ip} is already given to another pod")
             spec.ip = ipaddress.IPv4Interface(f"{ip}/{node.pod_cidr.prefixlen}")
         pods.append(spec)
-    topo = Topology(name, pod_cidr, service_cidr, backend, nodes, pods, externals)
+    topo = Topology(name, pod_cidr, service_cidr, backend, underlay_mtu, nodes, pods, externals)
     assign_addresses(topo)
     return topo
 

@@ -22,6 +22,7 @@ class Port:
         self.mtu = mtu
         self.index = 0
         self.entry = None  # first stage for frames from this port (set by the node)
+        self.iface = None  # the router interface that owns this port, if any (else a bridge port)
         self.rx_packets = self.rx_bytes = self.rx_drops = 0
         self.tx_packets = self.tx_bytes = self.tx_drops = 0
         self.offloads: tuple = ()

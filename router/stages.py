@@ -1,0 +1,544 @@
+"""The router's stages (IPv4 forwarding as net/ipv4 does it).
+
+    l3-input -> arp-input                                   (ARP: reply, learn)
+             -> ip4-input -> ip4-local  -> ip4-output       (echo reply; host port)
+                          -> ip4-lookup -> ip4-forward -> ip4-rewrite -> l2-forward | port-tx
+    any of them -> ip4-icmp-error -> ip4-output -> ip4-rewrite ...
+
+An ICMP error replaces the packet that caused it and walks on, so a trace
+shows the offending packet's last stage, the error built from it, and where
+the error went. Locally generated frames that are not the traced packet
+(ARP requests, queued packets released by a reply) go out through RouterIO.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vswitch.packet import ETH_DST, ETH_P_ARP, ETH_P_IP, ETH_SRC, ETH_TYPE, VNET_LEN, ZERO_VNET, Packet, mac_str
+from vswitch.stage import Stage
+
+from . import arp
+from .fib import BLACKHOLE, PROHIBIT, UNREACHABLE
+from .icmp import SUPPRESS_REASONS, build_error, echo_reply, should_send_error
+from .ipv4 import (IP_DF, IP_FRAG, IP_TTL, PARSE_REASONS, PROTO_ICMP, PROTO_TCP, PROTO_UDP, dec_ttl,
+                   fragment, ip_str, is_lbcast, is_martian_dst, is_martian_src, is_multicast, parse_ipv4)
+from .router import Router
+
+L3 = VNET_LEN + 14
+ETH_IP_HDR = b"\0" * 12 + struct.pack("!H", ETH_P_IP)  # MACs filled by ip4-rewrite
+
+# ICMP types/codes used here
+TIME_EXCEEDED, DEST_UNREACH, REDIRECT = 11, 3, 5
+NET_UNREACH, HOST_UNREACH, PORT_UNREACH, FRAG_NEEDED, ADMIN_PROHIBITED = 0, 1, 3, 4, 13
+ICMP_NAMES = {(11, 0): "time exceeded in transit", (3, 0): "net unreachable", (3, 1): "host unreachable",
+              (3, 3): "port unreachable", (3, 4): "fragmentation needed", (3, 13): "administratively prohibited",
+              (5, 1): "redirect for host"}
+
+
+def _own(pkt: Packet) -> bytearray:
+    """Make the packet's buffer writable (frames arrive as bytes from os.read)."""
+    if type(pkt.buf) is not bytearray:
+        pkt.buf = bytearray(pkt.buf)
+    return pkt.buf
+
+
+def ip_packet(ip: bytes) -> bytearray:
+    """A locally generated IPv4 packet as a frame buffer (MACs to be filled)."""
+    return bytearray(ZERO_VNET + ETH_IP_HDR + ip)
+
+
+class RouterIO:
+    """Sends what the router generates outside the traced walk, and acts on neighbour decisions."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.graph = None
+        self.queue_dropped = 0
+
+    def bind(self, graph) -> None:
+        self.graph = graph
+        self.l2fwd = graph.stages["l2-forward"]
+        self.icmp_error = graph.stages["ip4-icmp-error"]
+
+    def emit(self, iface, buf, ts: float) -> None:
+        if iface.port is not None:
+            iface.port.send(buf)
+        else:
+            self.graph.run(Packet(buf, iface, ts), self.l2fwd)
+
+    def perform(self, actions: list, ts: float) -> None:
+        r = self.router
+        for act in actions:
+            kind = act[0]
+            if kind == "request":
+                _, dev, target, dst_mac = act
+                iface = r.ifaces[dev]
+                src = iface.source_for(target) or 0
+                self.emit(iface, bytearray(ZERO_VNET + arp.request(iface.mac, src, target, dst_mac)), ts)
+            elif kind == "send":
+                _, dev, mac, pkt = act
+                iface = r.ifaces[dev]
+                buf = pkt.buf
+                buf[ETH_DST:ETH_DST + 6] = mac
+                buf[ETH_SRC:ETH_SRC + 6] = iface.mac
+                self.emit(iface, buf, ts)
+            elif kind == "unreachable":
+                pkt = act[1]
+                pkt.icmp = (DEST_UNREACH, HOST_UNREACH, 0, False)
+                pkt.trace = None
+                self.graph.run(pkt, self.icmp_error)
+            elif kind == "dropped":
+                self.queue_dropped += 1
+
+    def tick(self, ts: float) -> None:
+        self.perform(self.router.neigh.tick(), ts)
+
+
+class RouterStage(Stage):
+    def __init__(self, router: Router, io: RouterIO) -> None:
+        super().__init__()
+        self.router = router
+        self.io = io
+
+    def to_icmp(self, pkt, type_: int, code: int, arg: int = 0, route_error: bool = False):
+        """Hand the packet to ip4-icmp-error; route errors (ip_error) pay a second rate bucket."""
+        pkt.icmp = (type_, code, arg, route_error)
+        return self.icmp
+
+
+class L3Input(RouterStage):
+    """Frames for the router: checks the MAC, splits ARP from IPv4."""
+
+    name = "l3-input"
+    next_names = ("arp-input", "ip4-input")
+    drops = {"other-host": "unicast to another MAC (seen in promiscuous mode)",
+             "not-ip": "neither IPv4 nor ARP (IPv6, VLAN-tagged, other)"}
+
+    def on_bind(self, graph) -> None:
+        self.arp = graph.stages["arp-input"]
+        self.ip = graph.stages["ip4-input"]
+
+    def process(self, pkt):
+        iface = pkt.iface
+        if iface is None:
+            iface = pkt.iface = pkt.in_port.iface
+        buf = pkt.buf
+        if not buf[ETH_DST] & 1 and buf[ETH_DST:ETH_DST + 6] != iface.mac:
+            return self.drop(pkt, "other-host")
+        etype = (buf[ETH_TYPE] << 8) | buf[ETH_TYPE + 1]
+        pkt.l3 = L3
+        if etype == ETH_P_IP:
+            return self.ip
+        if etype == ETH_P_ARP:
+            return self.arp
+        pkt.note = etype
+        return self.drop(pkt, "not-ip")
+
+    def trace_record(self, pkt) -> dict:
+        return {"iface": str(pkt.iface), "type": f"0x{pkt.ethertype:04x}"}
+
+    def format_trace(self, rec: dict) -> str:
+        return f"on router interface {rec['iface']}, ethertype {rec['type']}"
+
+
+class ArpInput(RouterStage):
+    """Answers requests for our addresses and feeds the neighbour table (arp_process)."""
+
+    name = "arp-input"
+    drops = {"arp-short": "ARP packet truncated", "arp-not-ipv4": "ARP for another hardware/protocol",
+             "arp-bad-op": "ARP opcode neither request nor reply"}
+
+    def process(self, pkt):
+        a = arp.parse(pkt.buf)
+        if isinstance(a, str):
+            return self.drop(pkt, a)
+        iface, r = pkt.iface, self.router
+        for_us = iface.owns(a.tpa) or (iface.proxy_arp and a.tpa not in r.local and not iface.on_link(a.tpa)
+                                       and a.spa != a.tpa)
+        answer = a.op == arp.OP_REQUEST and for_us
+        pkt.note = (a, answer)
+        if pkt.dry_run:
+            return None
+        if answer:
+            self.io.emit(iface, bytearray(ZERO_VNET + arp.reply(iface.mac, a)), pkt.ts)
+        actions = r.neigh.on_arp(iface.name, a.spa, a.sha, is_reply=a.op == arp.OP_REPLY,
+                                 is_gratuitous=a.gratuitous, for_us=for_us)
+        self.io.perform(actions, pkt.ts)
+        return None
+
+    def trace_record(self, pkt) -> dict:
+        if not isinstance(pkt.note, tuple):
+            return {}
+        a, answer = pkt.note
+        return {"op": "request" if a.op == 1 else "reply", "sender": ip_str(a.spa), "sha": mac_str(a.sha),
+                "target": ip_str(a.tpa), "answered": answer}
+
+    def format_trace(self, rec: dict) -> str:
+        if not rec:
+            return "not an Ethernet/IPv4 ARP packet"
+        line = f"ARP {rec['op']} who-has {rec['target']} tell {rec['sender']} ({rec['sha']})"
+        return line + (": we own it, reply sent" if rec["answered"] else "")
+
+
+class Ip4Input(RouterStage):
+    """Header checks and martians (ip_rcv_core, ip_route_input_slow), then local or forward."""
+
+    name = "ip4-input"
+    next_names = ("ip4-local", "ip4-lookup")
+    drops = dict(PARSE_REASONS) | {
+        "martian-source": "source is multicast, broadcast, 0/8 or 127/8",
+        "martian-destination": "destination is 0/8 or 127/8",
+        "not-forwarded": "broadcast/multicast (L2 or L3) is not routed",
+    }
+
+    def on_bind(self, graph) -> None:
+        self.local = graph.stages["ip4-local"]
+        self.lookup = graph.stages["ip4-lookup"]
+
+    def process(self, pkt):
+        h = pkt.ip = parse_ipv4(pkt.buf, pkt.l3)
+        if h.reason:
+            return self.drop(pkt, h.reason)
+        if is_martian_src(h.src):
+            return self.drop(pkt, "martian-source")
+        if is_martian_dst(h.dst):
+            return self.drop(pkt, "martian-destination")
+        if h.dst in self.router.local:
+            return self.local
+        if pkt.buf[ETH_DST] & 1 or is_multicast(h.dst) or is_lbcast(h.dst):
+            return self.drop(pkt, "not-forwarded")
+        return self.lookup
+
+    def trace_record(self, pkt) -> dict:
+        h = pkt.ip
+        if h is None or h.reason:
+            return {"valid": False}
+        return {"valid": True, "src": ip_str(h.src), "dst": ip_str(h.dst), "proto": h.proto, "ttl": h.ttl,
+                "len": h.total_len, "df": h.df, "local": h.dst in self.router.local}
+
+    def format_trace(self, rec: dict) -> str:
+        if not rec["valid"]:
+            return "invalid IPv4 header"
+        line = f"{rec['src']} > {rec['dst']} proto {rec['proto']} ttl {rec['ttl']} len {rec['len']}"
+        return line + (" DF" if rec["df"] else "") + (" (one of our addresses)" if rec["local"] else "")
+
+
+class Ip4Local(RouterStage):
+    """Packets for our own addresses: echo replies here, the rest to the node's host stack."""
+
+    name = "ip4-local"
+    next_names = ("ip4-output", "ip4-rewrite", "ip4-icmp-error")
+    drops = {"no-listener": "nothing listens here (TCP; the kernel would reset)",
+             "bad-echo": "ICMP that is not a sound echo request"}
+
+    def on_bind(self, graph) -> None:
+        self.output = graph.stages["ip4-output"]
+        self.rewrite = graph.stages["ip4-rewrite"]
+        self.icmp = graph.stages["ip4-icmp-error"]
+
+    def process(self, pkt):
+        h = pkt.ip
+        r = self.router
+        host = r.host
+        if h.proto == PROTO_ICMP:
+            reply = echo_reply(memoryview(pkt.buf)[pkt.l3:], h.dst, ip_id=r.next_ip_id())
+            if reply is not None:
+                pkt.buf = ip_packet(reply)
+                pkt.note = "echo-reply"
+                return self.output
+        if host is not None and pkt.iface is not host:
+            pkt.out_iface, pkt.nh = host, h.dst
+            pkt.note = "to-host"
+            return self.rewrite
+        if h.proto == PROTO_UDP:
+            pkt.note = "port-unreachable"
+            return self.to_icmp(pkt, DEST_UNREACH, PORT_UNREACH)
+        pkt.note = "no-listener"
+        return self.drop(pkt, "bad-echo" if h.proto == PROTO_ICMP else "no-listener")
+
+    def trace_record(self, pkt) -> dict:
+        return {"action": pkt.note if isinstance(pkt.note, str) else None,
+                "host": str(self.router.host) if self.router.host else None}
+
+    def format_trace(self, rec: dict) -> str:
+        return {"echo-reply": "ICMP echo request for us: answering",
+                "to-host": f"for the node's host stack via {rec['host']}",
+                "port-unreachable": "UDP to us and no host stack: port unreachable"}.get(rec["action"],
+                                                                                        "nothing to deliver to")
+
+
+class Ip4Lookup(RouterStage):
+    """Longest-prefix match (fib_lookup); reject routes become ICMP errors (ip_error)."""
+
+    name = "ip4-lookup"
+    next_names = ("ip4-forward", "ip4-icmp-error")
+    drops = {"blackhole": "blackhole route"}
+
+    def on_bind(self, graph) -> None:
+        self.forward = graph.stages["ip4-forward"]
+        self.icmp = graph.stages["ip4-icmp-error"]
+
+    def process(self, pkt):
+        h = pkt.ip
+        route = pkt.route = self.router.fib.lookup(h.dst)
+        if route is None:
+            return self.to_icmp(pkt, DEST_UNREACH, NET_UNREACH, route_error=True)
+        t = route.type
+        if t == BLACKHOLE:
+            return self.drop(pkt, "blackhole")
+        if t == UNREACHABLE:
+            return self.to_icmp(pkt, DEST_UNREACH, HOST_UNREACH, route_error=True)
+        if t == PROHIBIT:
+            return self.to_icmp(pkt, DEST_UNREACH, ADMIN_PROHIBITED, route_error=True)
+        pkt.out_iface = self.router.ifaces[route.dev]
+        pkt.nh = route.gateway or h.dst
+        return self.forward
+
+    def trace_record(self, pkt) -> dict:
+        r = pkt.route
+        if r is None:
+            return {"route": None}
+        return {"route": r.describe(), "type": r.type,
+                "nexthop": ip_str(pkt.nh) if pkt.nh is not None and r.type == "unicast" else None}
+
+    def format_trace(self, rec: dict) -> str:
+        if rec["route"] is None:
+            return "no route: net unreachable"
+        line = f"route {rec['route']}"
+        return line + (f" -> next hop {rec['nexthop']}" if rec.get("nexthop") else "")
+
+
+class Ip4Forward(RouterStage):
+    """ip_forward: TTL, MTU (frag-needed or fragment), redirects, TTL decrement."""
+
+    name = "ip4-forward"
+    next_names = ("ip4-rewrite", "ip4-icmp-error")
+    drops = {"ttl-exceeded": "TTL <= 1 (time exceeded sent)",
+             "frag-needed": "longer than the egress MTU with DF (frag-needed sent)",
+             "gso-over-mtu": "offloaded super-frame without DF whose segments exceed the MTU"}
+
+    def on_bind(self, graph) -> None:
+        self.rewrite = graph.stages["ip4-rewrite"]
+        self.icmp = graph.stages["ip4-icmp-error"]
+
+    def process(self, pkt):
+        h = pkt.ip
+        if h.ttl <= 1:
+            self.drop_counts["ttl-exceeded"] += 1
+            return self.to_icmp(pkt, TIME_EXCEEDED, 0)
+        out = pkt.out_iface
+        mtu = out.mtu
+        buf = pkt.buf
+        frags = None
+        if buf[1] & 0x7F:  # a GSO super-frame: what matters is the size of each segment
+            seg = h.hlen + _l4_hlen(buf, pkt.l3 + h.hlen, h.proto) + ((buf[7] << 8) | buf[6])
+            if seg > mtu:
+                if h.df:
+                    self.drop_counts["frag-needed"] += 1
+                    return self.to_icmp(pkt, DEST_UNREACH, FRAG_NEEDED, mtu)
+                return self.drop(pkt, "gso-over-mtu")
+        elif h.total_len > mtu:
+            if h.df:
+                self.drop_counts["frag-needed"] += 1
+                return self.to_icmp(pkt, DEST_UNREACH, FRAG_NEEDED, mtu)
+            frags = True
+        buf = _own(pkt)
+        if not pkt.dry_run:
+            dec_ttl(buf, pkt.l3)
+        if out is pkt.iface and out.send_redirects and out.on_link(h.src) and \
+                (pkt.nh == h.dst or out.on_link(pkt.nh)) and not pkt.dry_run and \
+                self.router.redirects.allow(h.src):
+            self._redirect(pkt)
+        if frags:
+            pkt.buf = fragment(buf, pkt.l3, mtu)  # a list: ip4-rewrite sends every piece
+        pkt.note = ("fragmented" if frags else "forwarded", h.ttl - 1)
+        return self.rewrite
+
+    def _redirect(self, pkt) -> None:
+        copy = Packet(bytearray(pkt.buf), pkt.in_port, pkt.ts)
+        copy.l3, copy.iface = pkt.l3, pkt.iface
+        copy.icmp = (REDIRECT, 1, pkt.nh, False)
+        self.io.graph.run(copy, self.icmp)
+
+    def trace_record(self, pkt) -> dict:
+        if isinstance(pkt.note, tuple):
+            return {"action": pkt.note[0], "ttl": pkt.note[1], "egress": str(pkt.out_iface),
+                    "mtu": pkt.out_iface.mtu}
+        return {"action": "icmp", "icmp": list(pkt.icmp[:2]) if pkt.icmp else []}
+
+    def format_trace(self, rec: dict) -> str:
+        if rec["action"] == "icmp":
+            t, c = rec["icmp"]
+            return f"cannot forward: {ICMP_NAMES.get((t, c), f'icmp {t}/{c}')}"
+        return f"{rec['action']} out {rec['egress']} (mtu {rec['mtu']}), ttl now {rec['ttl']}"
+
+
+def _l4_hlen(buf, off: int, proto: int) -> int:
+    if proto == PROTO_TCP and len(buf) > off + 12:
+        return (buf[off + 12] >> 4) * 4
+    if proto == PROTO_UDP:
+        return 8
+    return 0
+
+
+class Ip4Output(RouterStage):
+    """Route a packet the router itself generated (echo reply, ICMP error)."""
+
+    name = "ip4-output"
+    next_names = ("ip4-rewrite",)
+    drops = {"no-route": "no usable route back for a locally generated packet"}
+
+    def on_bind(self, graph) -> None:
+        self.rewrite = graph.stages["ip4-rewrite"]
+
+    def process(self, pkt):
+        pkt.l3 = L3
+        buf = pkt.buf
+        dst = int.from_bytes(buf[L3 + 16:L3 + 20], "big")
+        route = pkt.route = self.router.fib.lookup(dst)
+        if route is None or route.dev is None:
+            return self.drop(pkt, "no-route")
+        out = pkt.out_iface = self.router.ifaces[route.dev]
+        pkt.nh = route.gateway or dst
+        tot = (buf[L3 + 2] << 8) | buf[L3 + 3]
+        if tot > out.mtu and not (buf[L3 + IP_FRAG] << 8) & IP_DF:
+            pkt.buf = fragment(buf, L3, out.mtu)
+        return self.rewrite
+
+    def trace_record(self, pkt) -> dict:
+        buf = pkt.buf if not isinstance(pkt.buf, list) else pkt.buf[0]
+        return {"src": ip_str(int.from_bytes(buf[L3 + 12:L3 + 16], "big")),
+                "dst": ip_str(int.from_bytes(buf[L3 + 16:L3 + 20], "big")),
+                "route": pkt.route.describe() if pkt.route else None}
+
+    def format_trace(self, rec: dict) -> str:
+        return f"local {rec['src']} > {rec['dst']} via route {rec['route']}"
+
+
+class Ip4Rewrite(RouterStage):
+    """Next-hop MAC from the neighbour table, MAC rewrite, then out (neigh_output)."""
+
+    name = "ip4-rewrite"
+    next_names = ("port-tx", "l2-forward")
+    drops = {}
+
+    def on_bind(self, graph) -> None:
+        self.tx = graph.stages["port-tx"]
+        self.l2fwd = graph.stages["l2-forward"]
+
+    def process(self, pkt):
+        iface, nh = pkt.out_iface, pkt.nh
+        neigh = self.router.neigh
+        pieces = pkt.buf if isinstance(pkt.buf, list) else None
+        if pieces is not None:
+            pkt.buf = bytearray(pieces[0])
+        if pkt.dry_run:
+            e = neigh.get(iface.name, nh)
+            mac = e.mac if e is not None else None
+            if mac is None:
+                pkt.note = ("would-resolve", ip_str(nh))
+                return None
+        else:
+            mac, actions = neigh.resolve(iface.name, nh, pkt)
+            if actions:
+                self.io.perform(actions, pkt.ts)
+            if mac is None:
+                pkt.note = ("queued", ip_str(nh))
+                return None
+        buf = _own(pkt)
+        buf[ETH_DST:ETH_DST + 6] = mac
+        buf[ETH_SRC:ETH_SRC + 6] = iface.mac
+        pkt.note = ("resolved", ip_str(nh), mac)
+        if pieces is not None and not pkt.dry_run:
+            for piece in pieces[1:]:
+                b = bytearray(piece)
+                b[ETH_DST:ETH_DST + 6] = mac
+                b[ETH_SRC:ETH_SRC + 6] = iface.mac
+                self.io.emit(iface, b, pkt.ts)
+        if iface.port is not None:
+            pkt.out_port = iface.port
+            return self.tx
+        pkt.in_port = iface  # onto the bridge, as if from the router's own bridge port
+        return self.l2fwd
+
+    def trace_record(self, pkt) -> dict:
+        n = pkt.note
+        if not isinstance(n, tuple):
+            return {}
+        rec = {"state": n[0], "nexthop": n[1], "iface": str(pkt.out_iface)}
+        if n[0] == "resolved":
+            rec["mac"] = mac_str(n[2])
+        return rec
+
+    def format_trace(self, rec: dict) -> str:
+        if rec.get("state") == "resolved":
+            return f"next hop {rec['nexthop']} is {rec['mac']} on {rec['iface']}"
+        if rec.get("state") == "queued":
+            return f"next hop {rec['nexthop']} unresolved on {rec['iface']}: queued, ARP request sent"
+        if rec.get("state") == "would-resolve":
+            return f"next hop {rec['nexthop']} unresolved on {rec['iface']}: would queue and ARP (dry run)"
+        return ""
+
+
+class Ip4IcmpError(RouterStage):
+    """Turns the packet into the ICMP error about it (__icmp_send), then routes the error."""
+
+    name = "ip4-icmp-error"
+    next_names = ("ip4-output",)
+    drops = {r: f"no ICMP error: {r}" for r in SUPPRESS_REASONS} | {
+        "rate-limited": "ICMP error suppressed by the rate limit",
+        "no-source": "no route back to the sender to pick a source address",
+    }
+
+    def on_bind(self, graph) -> None:
+        self.output = graph.stages["ip4-output"]
+
+    def process(self, pkt):
+        type_, code, arg, route_error = pkt.icmp
+        buf = pkt.buf
+        orig = memoryview(buf)[pkt.l3:]
+        why = should_send_error(orig, bool(buf[ETH_DST] & 1))
+        pkt.note = None
+        if why:
+            return self.drop(pkt, why)
+        osrc = int.from_bytes(orig[12:16], "big")
+        odst = int.from_bytes(orig[16:20], "big")
+        r = self.router
+        if not pkt.dry_run:
+            if route_error and not r.icmp.allow_route_error(osrc):
+                return self.drop(pkt, "rate-limited")
+            if not r.icmp.allow(osrc, type_, code):
+                return self.drop(pkt, "rate-limited")
+        src = r.icmp_source(osrc, odst)
+        if src is None:
+            return self.drop(pkt, "no-source")
+        err = build_error(orig, type_, code, src, mtu=arg if code == FRAG_NEEDED else 0,
+                          gateway=arg if type_ == REDIRECT else 0, ip_id=r.next_ip_id())
+        pkt.note = (type_, code, ip_str(src), ip_str(osrc), len(err))
+        pkt.buf = ip_packet(err)
+        pkt.route = None
+        return self.output
+
+    def trace_record(self, pkt) -> dict:
+        if pkt.note is None:
+            return {"sent": False, "icmp": list(pkt.icmp[:2])}
+        t, c, src, dst, n = pkt.note
+        return {"sent": True, "type": t, "code": c, "what": ICMP_NAMES.get((t, c), ""), "src": src, "dst": dst,
+                "len": n}
+
+    def format_trace(self, rec: dict) -> str:
+        if not rec["sent"]:
+            return f"ICMP {rec['icmp'][0]}/{rec['icmp'][1]} not sent"
+        return f"ICMP {rec['type']}/{rec['code']} ({rec['what']}) {rec['src']} > {rec['dst']}, {rec['len']} bytes"
+
+
+ROUTER_STAGES = (L3Input, ArpInput, Ip4Input, Ip4Local, Ip4Lookup, Ip4Forward, Ip4Output, Ip4Rewrite, Ip4IcmpError)
+
+
+def add_router_stages(graph, router: Router) -> RouterIO:
+    """Add the router's stages to a node graph (before Graph.build)."""
+    io = RouterIO(router)
+    for cls in ROUTER_STAGES:
+        graph.add(cls(router, io))
+    return io
