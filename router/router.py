@@ -46,6 +46,7 @@ class Router:
         self.clock = clock
         self.ifaces: Dict[str, Interface] = {}
         self.local: Dict[int, Interface] = {}  # our addresses (the kernel's local table)
+        self.broadcast: set = set()  # subnet broadcast addresses of our interfaces (never routed)
         self.fib = Fib()
         self.neigh = NeighTable(clock)
         self.icmp = RateLimiter(clock=clock)
@@ -60,6 +61,8 @@ class Router:
         for a in iface.addrs:
             self.local[int(a.ip)] = iface
             net = a.network
+            if net.prefixlen < 31:
+                self.broadcast.add(int(net.broadcast_address))
             if net.prefixlen < 32:
                 self.fib.add(Route(int(net.network_address), net.prefixlen, dev=iface.name, proto="kernel",
                                    prefsrc=int(a.ip)), replace=True)

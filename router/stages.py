@@ -74,7 +74,7 @@ class RouterIO:
             if kind == "request":
                 _, dev, target, dst_mac = act
                 iface = r.ifaces[dev]
-                src = iface.source_for(target) or 0
+                src = self._solicit_source(dev, target) or iface.source_for(target) or 0
                 self.emit(iface, bytearray(ZERO_VNET + arp.request(iface.mac, src, target, dst_mac)), ts)
             elif kind == "send":
                 _, dev, mac, pkt = act
@@ -90,6 +90,15 @@ class RouterIO:
                 self.graph.run(pkt, self.icmp_error)
             elif kind == "dropped":
                 self.queue_dropped += 1
+
+    def _solicit_source(self, dev: str, target: int):
+        """arp_solicit: the newest queued packet's source when it is one of ours."""
+        e = self.router.neigh.get(dev, target)
+        if e is None or not e.queue:
+            return None
+        buf = e.queue[-1].buf
+        src = int.from_bytes(buf[L3 + 12:L3 + 16], "big")
+        return src if src in self.router.local else None
 
     def tick(self, ts: float) -> None:
         self.perform(self.router.neigh.tick(), ts)
@@ -154,8 +163,8 @@ class ArpInput(RouterStage):
         if isinstance(a, str):
             return self.drop(pkt, a)
         iface, r = pkt.iface, self.router
-        for_us = iface.owns(a.tpa) or (iface.proxy_arp and a.tpa not in r.local and not iface.on_link(a.tpa)
-                                       and a.spa != a.tpa)
+        # arp_ignore=0: any of our addresses is answered on any interface
+        for_us = a.tpa in r.local or (iface.proxy_arp and not iface.on_link(a.tpa) and a.spa != a.tpa)
         answer = a.op == arp.OP_REQUEST and for_us
         pkt.note = (a, answer)
         if pkt.dry_run:
@@ -204,9 +213,10 @@ class Ip4Input(RouterStage):
             return self.drop(pkt, "martian-source")
         if is_martian_dst(h.dst):
             return self.drop(pkt, "martian-destination")
-        if h.dst in self.router.local:
+        r = self.router
+        if h.dst in r.local:
             return self.local
-        if pkt.buf[ETH_DST] & 1 or is_multicast(h.dst) or is_lbcast(h.dst):
+        if pkt.buf[ETH_DST] & 1 or is_multicast(h.dst) or is_lbcast(h.dst) or h.dst in r.broadcast:
             return self.drop(pkt, "not-forwarded")
         return self.lookup
 
@@ -332,7 +342,7 @@ class Ip4Forward(RouterStage):
         buf = pkt.buf
         frags = None
         if buf[1] & 0x7F:  # a GSO super-frame: what matters is the size of each segment
-            seg = h.hlen + _l4_hlen(buf, pkt.l3 + h.hlen, h.proto) + ((buf[7] << 8) | buf[6])
+            seg = h.hlen + _l4_hlen(buf, pkt.l3 + h.hlen, h.proto) + (buf[4] | (buf[5] << 8))  # gso_size
             if seg > mtu:
                 if h.df:
                     self.drop_counts["frag-needed"] += 1
@@ -430,9 +440,8 @@ class Ip4Rewrite(RouterStage):
     def process(self, pkt):
         iface, nh = pkt.out_iface, pkt.nh
         neigh = self.router.neigh
-        pieces = pkt.buf if isinstance(pkt.buf, list) else None
-        if pieces is not None:
-            pkt.buf = bytearray(pieces[0])
+        if isinstance(pkt.buf, list):
+            return self._fragments(pkt, iface, nh)
         if pkt.dry_run:
             e = neigh.get(iface.name, nh)
             mac = e.mac if e is not None else None
@@ -450,22 +459,36 @@ class Ip4Rewrite(RouterStage):
         buf[ETH_DST:ETH_DST + 6] = mac
         buf[ETH_SRC:ETH_SRC + 6] = iface.mac
         pkt.note = ("resolved", ip_str(nh), mac)
-        if pieces is not None and not pkt.dry_run:
-            for piece in pieces[1:]:
-                b = bytearray(piece)
-                b[ETH_DST:ETH_DST + 6] = mac
-                b[ETH_SRC:ETH_SRC + 6] = iface.mac
-                self.io.emit(iface, b, pkt.ts)
         if iface.port is not None:
             pkt.out_port = iface.port
             return self.tx
         pkt.in_port = iface  # onto the bridge, as if from the router's own bridge port
         return self.l2fwd
 
+    def _fragments(self, pkt, iface, nh):
+        """Each fragment resolves (or queues) on its own, in offset order, as ip_do_fragment sends them."""
+        pieces = pkt.buf
+        pkt.buf = bytearray(pieces[0])
+        pkt.note = ("fragments", ip_str(nh), len(pieces))
+        if pkt.dry_run:
+            return None
+        neigh = self.router.neigh
+        for piece in pieces:
+            frag = Packet(bytearray(piece), pkt.in_port, pkt.ts)
+            frag.l3 = pkt.l3
+            mac, actions = neigh.resolve(iface.name, nh, frag)
+            if actions:
+                self.io.perform(actions, pkt.ts)
+            if mac is not None:
+                self.io.perform([("send", iface.name, mac, frag)], pkt.ts)
+        return None
+
     def trace_record(self, pkt) -> dict:
         n = pkt.note
         if not isinstance(n, tuple):
             return {}
+        if n[0] == "fragments":
+            return {"state": "fragments", "nexthop": n[1], "count": n[2], "iface": str(pkt.out_iface)}
         rec = {"state": n[0], "nexthop": n[1], "iface": str(pkt.out_iface)}
         if n[0] == "resolved":
             rec["mac"] = mac_str(n[2])
@@ -476,6 +499,8 @@ class Ip4Rewrite(RouterStage):
             return f"next hop {rec['nexthop']} is {rec['mac']} on {rec['iface']}"
         if rec.get("state") == "queued":
             return f"next hop {rec['nexthop']} unresolved on {rec['iface']}: queued, ARP request sent"
+        if rec.get("state") == "fragments":
+            return f"{rec['count']} fragments to next hop {rec['nexthop']} on {rec['iface']}"
         if rec.get("state") == "would-resolve":
             return f"next hop {rec['nexthop']} unresolved on {rec['iface']}: would queue and ARP (dry run)"
         return ""
@@ -486,7 +511,7 @@ class Ip4IcmpError(RouterStage):
 
     name = "ip4-icmp-error"
     next_names = ("ip4-output",)
-    drops = {r: f"no ICMP error: {r}" for r in SUPPRESS_REASONS} | {
+    drops = {r: f"no ICMP error: {text}" for r, text in SUPPRESS_REASONS} | {
         "rate-limited": "ICMP error suppressed by the rate limit",
         "no-source": "no route back to the sender to pick a source address",
     }
