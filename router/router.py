@@ -100,9 +100,16 @@ class Router:
         return iface.source_for(route.gateway or dst) if iface else None
 
     def icmp_source(self, orig_src: int, orig_dst: int) -> Optional[int]:
-        """__icmp_send: our own address if the packet was for us, else the route back's preferred source."""
+        """__icmp_send: our own address if the packet was for us, else the route back's preferred source.
+
+        The node's host stack shares the router's addresses, so an error about a packet it sent
+        comes from the router's side of the host port (a source the host does not own, else
+        its kernel would drop the error as a martian).
+        """
         if orig_dst in self.local:
             return orig_dst
+        if orig_src in self.local and self.host is not None:
+            return self.host.source_for(orig_src)
         route = self.fib.lookup(orig_src)
         if route is None or route.type not in (UNICAST, LOCAL):
             return None

@@ -406,10 +406,16 @@ class Ip4Output(RouterStage):
         pkt.l3 = L3
         buf = pkt.buf
         dst = int.from_bytes(buf[L3 + 16:L3 + 20], "big")
-        route = pkt.route = self.router.fib.lookup(dst)
+        r = self.router
+        if dst in r.local:  # for the node itself (e.g. an error about the host's own packet)
+            if r.host is None:
+                return self.drop(pkt, "no-route")
+            pkt.route, pkt.out_iface, pkt.nh = None, r.host, dst
+            return self.rewrite
+        route = pkt.route = r.fib.lookup(dst)
         if route is None or route.dev is None:
             return self.drop(pkt, "no-route")
-        out = pkt.out_iface = self.router.ifaces[route.dev]
+        out = pkt.out_iface = r.ifaces[route.dev]
         pkt.nh = route.gateway or dst
         tot = (buf[L3 + 2] << 8) | buf[L3 + 3]
         if tot > out.mtu and not (buf[L3 + IP_FRAG] << 8) & IP_DF:
@@ -420,10 +426,12 @@ class Ip4Output(RouterStage):
         buf = pkt.buf if not isinstance(pkt.buf, list) else pkt.buf[0]
         return {"src": ip_str(int.from_bytes(buf[L3 + 12:L3 + 16], "big")),
                 "dst": ip_str(int.from_bytes(buf[L3 + 16:L3 + 20], "big")),
-                "route": pkt.route.describe() if pkt.route else None}
+                "route": pkt.route.describe() if pkt.route else None,
+                "iface": str(pkt.out_iface) if pkt.out_iface else None}
 
     def format_trace(self, rec: dict) -> str:
-        return f"local {rec['src']} > {rec['dst']} via route {rec['route']}"
+        via = f"route {rec['route']}" if rec["route"] else f"the host port {rec['iface']}"
+        return f"local {rec['src']} > {rec['dst']} via {via}"
 
 
 class Ip4Rewrite(RouterStage):
@@ -449,6 +457,7 @@ class Ip4Rewrite(RouterStage):
                 pkt.note = ("would-resolve", ip_str(nh))
                 return None
         else:
+            _own(pkt)  # it may wait in the neighbour queue and get its MACs written later
             mac, actions = neigh.resolve(iface.name, nh, pkt)
             if actions:
                 self.io.perform(actions, pkt.ts)

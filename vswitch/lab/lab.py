@@ -210,7 +210,9 @@ def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: i
 def _configure_host_port(node) -> None:
     n = node.name
     ip("addr", "add", HOST_NET[1], "dev", "vsw0", netns=n)
+    # The host owns every router address, as the kernel owns cni0's and eth0's on a kernel node.
     ip("addr", "add", f"{node.address.ip}/32", "dev", "vsw0", netns=n)
+    ip("addr", "add", f"{node.gateway.ip}/32", "dev", "vsw0", netns=n)
     ip("route", "add", "default", "via", HOST_NET[0].split("/")[0], "dev", "vsw0", "src", str(node.address.ip),
        netns=n)
 
