@@ -36,9 +36,9 @@ ICMP_NAMES = {(11, 0): "time exceeded in transit", (3, 0): "net unreachable", (3
               (5, 1): "redirect for host"}
 
 
-def _own(pkt: Packet) -> bytearray:
-    """Make the packet's buffer writable (frames arrive as bytes from os.read)."""
-    if type(pkt.buf) is not bytearray:
+def _own(pkt: Packet):
+    """The packet's buffer, writable: a port's scratch view already is; plain bytes get copied."""
+    if type(pkt.buf) is bytes:
         pkt.buf = bytearray(pkt.buf)
     return pkt.buf
 
@@ -457,8 +457,9 @@ class Ip4Rewrite(RouterStage):
                 pkt.note = ("would-resolve", ip_str(nh))
                 return None
         else:
-            _own(pkt)  # it may wait in the neighbour queue and get its MACs written later
             mac, actions = neigh.resolve(iface.name, nh, pkt)
+            if mac is None:  # queued: it outlives the port's scratch buffer, so it gets its own copy
+                pkt.buf = bytearray(pkt.buf)
             if actions:
                 self.io.perform(actions, pkt.ts)
             if mac is None:

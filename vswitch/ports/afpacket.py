@@ -16,7 +16,7 @@ import struct
 
 from ..netns import link_exists
 from ..packet import ETH_P_8021Q, VNET_F_NEEDS_CSUM, VNET_HDR, VNET_LEN
-from .base import RX_SIZE, Port
+from .base import Port
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -39,8 +39,8 @@ def restore_vlan(buf: bytes, tci: int, tpid: int) -> bytes:
         csum_start += 4
     if hdr_len:
         hdr_len += 4
-    return (VNET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
-            + buf[VNET_LEN:VLAN_AT] + struct.pack("!HH", tpid, tci) + buf[VLAN_AT:])
+    return b"".join((VNET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset),
+                     buf[VNET_LEN:VLAN_AT], struct.pack("!HH", tpid, tci), buf[VLAN_AT:]))
 
 
 class AfPacketPort(Port):
@@ -73,8 +73,9 @@ class AfPacketPort(Port):
         self.sock = s
         self.offloads = ("vnet-hdr",)
 
-    def _read(self) -> bytes:
-        data, anc, flags, _addr = self.sock.recvmsg(RX_SIZE, CMSG_SPACE)
+    def _read(self):
+        n, anc, flags, _addr = self.sock.recvmsg_into([self._scratch], CMSG_SPACE)
+        data = self._view[:n]
         if flags & socket.MSG_TRUNC:
             self.truncated += 1
         for level, kind, cdata in anc:

@@ -27,6 +27,8 @@ class Port:
         self.tx_packets = self.tx_bytes = self.tx_drops = 0
         self.offloads: tuple = ()
         self._deliver: Optional[Deliver] = None
+        self._scratch = bytearray(RX_SIZE)
+        self._view = memoryview(self._scratch)
 
     # --- lifecycle --------------------------------------------------------
     def open(self) -> None:
@@ -43,7 +45,14 @@ class Port:
         raise NotImplementedError
 
     def _drain(self, read) -> None:
-        """Read up to BATCH frames with ``read()`` (raises BlockingIOError when empty)."""
+        """Read up to BATCH frames with ``read()`` (raises BlockingIOError when empty).
+
+        Frames are read into one scratch buffer per port and handed on as a
+        memoryview of it: the pipeline runs each frame to completion (rewrite
+        in place, write out) before the next read, so nothing is copied or
+        allocated per frame. A stage that keeps a frame beyond that (the
+        neighbour queue, a capture) copies it first.
+        """
         deliver = self._deliver
         ts = monotonic()
         n = nbytes = 0

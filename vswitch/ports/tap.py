@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-from functools import partial
 
 from ..netns import link_exists, move_link
 from ..packet import VNET_LEN
-from .base import RX_SIZE, Port
+from .base import Port
 
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -76,7 +75,8 @@ class TapPort(Port):
     def start(self, loop, deliver) -> None:
         super().start(loop, deliver)
         self._loop = loop
-        loop.add_reader(self.fd, self._drain, partial(os.read, self.fd, RX_SIZE))
+        view, readv, fd, bufs = self._view, os.readv, self.fd, [self._scratch]
+        loop.add_reader(self.fd, self._drain, lambda: view[:readv(fd, bufs)])
 
     def send(self, buf) -> bool:
         try:
