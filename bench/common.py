@@ -55,3 +55,50 @@ def save(path: Optional[str], result: dict) -> None:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
         print(f"results written to {os.path.abspath(path)}")
+
+
+def compare(script: str, title: str, topology: dict, pairs: list, goal_tcp_ratio: float, goal_pps: int) -> int:
+    """The kernel-vs-vswitch run every dataplane benchmark does.
+
+    ``pairs`` is ``[(row label, server pod, client pod)]`` with the kernel pair
+    first and the vswitch pair second; both run in the same lab, one after the
+    other, so they never share the CPUs at the same time.
+    """
+    import argparse
+
+    ensure_sandbox(script)
+    ap = argparse.ArgumentParser(description=title)
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run (default 5)")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    if not 0 < args.seconds <= 600:
+        ap.error("--seconds must be in (0, 600]")
+
+    from vswitch import lab
+    from vswitch.lab.topology import parse
+
+    st = lab.up(parse(topology), log=lambda *a: None)
+    res = []
+    try:
+        for _, srv, cli in pairs:
+            ip = st["pods"][srv]["ip"]
+            res.append({"tcp_gbps": tcp_gbps(srv, cli, ip, args.seconds), **udp_small_pps(srv, cli, ip, args.seconds)})
+    finally:
+        lab.down()
+
+    k, v = res
+    tcp_ratio = v["tcp_gbps"] / k["tcp_gbps"] if k["tcp_gbps"] else 0.0
+    pps_ratio = v["delivered_pps"] / k["delivered_pps"] if k["delivered_pps"] else 0.0
+    print(f"{title}, {args.seconds:g} s per run, CPUs: {os.cpu_count()}")
+    rows = [["dataplane", "TCP Gbit/s", "64B UDP pps delivered", "64B UDP pps offered"]]
+    for (label, _, _), r in zip(pairs, res):
+        rows.append([label, f"{r['tcp_gbps']:.2f}", f"{r['delivered_pps']:,.0f}", f"{r['sent_pps']:,.0f}"])
+    rows += [
+        ["ratio vswitch/kernel", f"{tcp_ratio:.2f}x", f"{pps_ratio:.2f}x", ""],
+        ["goal", f">= {goal_tcp_ratio}x", f">= {goal_pps:,} pps", ""],
+        ["met", "yes" if tcp_ratio >= goal_tcp_ratio else "NO", "yes" if v["delivered_pps"] >= goal_pps else "NO", ""],
+    ]
+    print(table(rows))
+    save(args.json, {"kernel": k, "vswitch": v, "tcp_ratio": tcp_ratio, "pps_ratio": pps_ratio,
+                     "seconds": args.seconds, "goals": {"tcp_ratio": goal_tcp_ratio, "pps": goal_pps}})
+    return 0

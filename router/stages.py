@@ -21,7 +21,7 @@ from vswitch.stage import Stage
 from . import arp
 from .fib import BLACKHOLE, PROHIBIT, UNREACHABLE
 from .icmp import SUPPRESS_REASONS, build_error, echo_reply, should_send_error
-from .ipv4 import (IP_DF, IP_FRAG, IP_TTL, PARSE_REASONS, PROTO_ICMP, PROTO_TCP, PROTO_UDP, dec_ttl,
+from .ipv4 import (IP_DF, IP_FRAG, PARSE_REASONS, PROTO_ICMP, PROTO_TCP, PROTO_UDP, dec_ttl,
                    fragment, ip_str, is_lbcast, is_martian_dst, is_martian_src, is_multicast, parse_ipv4)
 from .router import Router
 

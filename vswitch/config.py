@@ -259,14 +259,19 @@ def _router(doc: Any, ports: Dict[str, str]) -> dict:
     return {"interfaces": ifaces, "routes": [(f"router.routes[{i}]", r) for i, r in enumerate(routes)]}
 
 
-def load(path: str) -> NodeConfig:
+def load_yaml(path: str, what: str = "config") -> Any:
+    """One YAML document from a file; unreadable, invalid or empty files are ConfigErrors."""
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError("", f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError("", f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError("", f"{path} is not valid YAML: {e}") from None
     if doc is None:
         raise ConfigError("", f"{path} is empty")
-    return parse(doc)
+    return doc
+
+
+def load(path: str) -> NodeConfig:
+    return parse(load_yaml(path))

@@ -6,9 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import yaml
 
-from ..config import ConfigError, _int, _join, _keys, _name
+from ..config import ConfigError, _int, _join, _keys, _name, load_yaml
 
 RESERVED = {"underlay", "uplink", "host"}  # the underlay namespace; port names of every vswitch node
 DATAPLANES = ("vswitch", "kernel")
@@ -200,14 +199,5 @@ def assign_addresses(topo: Topology) -> None:
 
 
 def load(path: str) -> Topology:
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError("", f"cannot read topology {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"{path} is not valid YAML: {e}") from None
-    if doc is None:
-        raise ConfigError("", f"{path} is empty")
-    return parse(doc)
+    return parse(load_yaml(path, "topology"))
 
