@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import List, Optional
 
 from vswitch.lab.traffic import iperf3, rx_packets

@@ -18,18 +18,16 @@ import ipaddress
 import itertools
 import json
 import os
-import select
-import signal
 import stat
-import struct
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 import yaml
 
+from labutil import Capture
+from vswitch.lab.traffic import iperf3
 from conftest import pexec
 from vswitch import control
 from vswitch import lab as vlab
@@ -81,80 +79,6 @@ def send_frames(pod: str, frames) -> None:
                                    for s, d, p in frames) + "], iface='eth0', verbose=False)"]
     res = pexec(pod, sys.executable, "-c", "\n".join(lines), timeout=30)
     assert res.returncode == 0, f"sendp in {pod} failed: {res.stderr[-800:]}"
-
-
-def read_pcap(path: str) -> list:
-    """Frames (bytes) of a classic pcap file as tcpdump -w writes it."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 24:
-        return []
-    magic = data[:4]
-    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
-        end = "<"
-    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
-        end = ">"
-    else:
-        raise AssertionError(f"{path} is not a pcap file")
-    rec = struct.Struct(end + "IIII")
-    frames, off = [], 24
-    while off + rec.size <= len(data):
-        _, _, incl, _ = rec.unpack_from(data, off)
-        off += rec.size
-        frames.append(data[off:off + incl])
-        off += incl
-    return frames
-
-
-class Capture:
-    """tcpdump on a pod's eth0, started and confirmed listening before returning."""
-
-    def __init__(self, pod: str, path: str, bpf: str, count: int, inbound_only: bool = False) -> None:
-        self.pod, self.path = pod, path
-        argv = ["tcpdump", "-i", "eth0", "-n", "-e", "-U", "-Z", "root", "-c", str(count), "-w", path]
-        if inbound_only:
-            argv += ["-Q", "in"]
-        argv += bpf.split()
-        # `ip netns exec` execs tcpdump, so proc.pid is tcpdump's own pid.
-        self.proc = subprocess.Popen(vlab.exec_argv(pod, argv), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        self.stderr = b""
-        deadline = time.monotonic() + 10
-        while b"listening on" not in self.stderr:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.stop()
-                raise AssertionError(f"tcpdump in {pod} not listening after 10 s: {self.stderr!r}")
-            ready, _, _ = select.select([self.proc.stderr], [], [], left)
-            if ready:
-                chunk = os.read(self.proc.stderr.fileno(), 4096)
-                if not chunk:
-                    self.proc.wait(timeout=5)
-                    raise AssertionError(f"tcpdump in {pod} exited ({self.proc.returncode}): {self.stderr!r}")
-                self.stderr += chunk
-
-    def wait(self, timeout: float = 5) -> list:
-        """Wait for tcpdump to capture its count of frames; return them."""
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            got = self.stop()
-            raise AssertionError(f"tcpdump in {self.pod} captured only {len(got)} frame(s) in {timeout:g} s: "
-                                 f"{[f.hex() for f in got]}") from None
-        self.proc.stderr.close()
-        return read_pcap(self.path)
-
-    def stop(self) -> list:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # tcpdump flushes and closes the file
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr and not self.proc.stderr.closed:
-            self.proc.stderr.close()
-        return read_pcap(self.path) if os.path.exists(self.path) else []
 
 
 @pytest.fixture
@@ -260,31 +184,9 @@ def test_learned_unicast_reaches_only_its_port(make_lab, captures, tmp_path):
 
 # --- throughput: super-frames -----------------------------------------------------------------------
 
-def _wait_listening(pod: str, port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pexec(pod, "ss", "-Hltn", f"sport = :{port}", timeout=5).stdout.strip():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {pod}:{port} after {timeout:g} s")
-
-
 def test_iperf3_tcp_passes_as_super_frames(make_lab):
     st = make_lab(topology("iperf", ["srv", "cli"]))
-    srv_ip = st["pods"]["srv"]["ip"]
-    server = subprocess.Popen(vlab.exec_argv("srv", ["iperf3", "-s", "-1", "-B", srv_ip]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening("srv", 5201)
-        res = pexec("cli", "iperf3", "-J", "-c", srv_ip, "-t", "2", timeout=30)
-    finally:
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    out = json.loads(res.stdout)
-    assert "error" not in out, out["error"]  # iperf3 -J exits 0 even when it cannot connect
+    out = iperf3("srv", "cli", st["pods"]["srv"]["ip"], 2)  # raises on iperf3's JSON error
     assert out["end"]["sum_received"]["bits_per_second"] > 0
 
     ports = {p["name"]: p for p in control.request(vlab.socket_for("node1"), "show", table="ports")}

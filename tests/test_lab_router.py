@@ -14,11 +14,7 @@ and 172.16.5.5 are never answered: nothing in the lab has them).
 from __future__ import annotations
 
 import json
-import os
 import re
-import select
-import signal
-import struct
 import subprocess
 import sys
 import time
@@ -26,6 +22,7 @@ import time
 import pytest
 
 from conftest import pexec
+from labutil import Capture
 from vswitch import lab as vlab
 from vswitch.lab.traffic import iperf3, rx_packets
 
@@ -104,60 +101,6 @@ def udp_probe(src: str, dst: str, port: int = 9, timeout: float = 2) -> str:
 
 
 # --- ICMP capture ---------------------------------------------------------------------------------
-
-def read_pcap(path: str) -> list:
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 24:
-        return []
-    end = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    rec = struct.Struct(end + "IIII")
-    frames, off = [], 24
-    while off + rec.size <= len(data):
-        _, _, incl, _ = rec.unpack_from(data, off)
-        off += rec.size
-        frames.append(data[off:off + incl])
-        off += incl
-    return frames
-
-
-class Capture:
-    """tcpdump in a pod, confirmed listening before the constructor returns; stopped by stop()."""
-
-    def __init__(self, member: str, path: str, bpf: str, count: int = 1) -> None:
-        self.path = path
-        argv = ["tcpdump", "-i", "eth0", "-n", "-U", "-Z", "root", "-c", str(count), "-w", path] + bpf.split()
-        self.proc = subprocess.Popen(vlab.exec_argv(member, argv), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        err, deadline = b"", time.monotonic() + 10
-        while b"listening on" not in err:
-            left = deadline - time.monotonic()
-            ready = select.select([self.proc.stderr], [], [], max(left, 0))[0] if left > 0 else []
-            chunk = os.read(self.proc.stderr.fileno(), 4096) if ready else b""
-            if not chunk:
-                self.stop()
-                raise AssertionError(f"tcpdump in {member} not listening: {err!r}")
-            err += chunk
-
-    def frames(self, timeout: float = 5) -> list:
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        return self.stop()
-
-    def stop(self) -> list:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self.proc.stderr.closed:
-            self.proc.stderr.close()
-        return read_pcap(self.path) if os.path.exists(self.path) else []
-
 
 @pytest.fixture
 def capture(tmp_path):
