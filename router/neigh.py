@@ -147,7 +147,7 @@ INCOMPLETE, REACHABLE, STALE, DELAY, PROBE, FAILED, PERMANENT = (
 STATES = (INCOMPLETE, REACHABLE, STALE, DELAY, PROBE, FAILED, PERMANENT)
 
 VALID = frozenset((REACHABLE, STALE, DELAY, PROBE, PERMANENT))  # NUD_VALID
-_SEND_NOW = frozenset((REACHABLE, PERMANENT, DELAY, PROBE))  # NUD_CONNECTED | DELAY | PROBE
+SEND_NOW = frozenset((REACHABLE, PERMANENT, DELAY, PROBE))  # NUD_CONNECTED | DELAY | PROBE
 _GC_STATES = frozenset((STALE, FAILED))  # not NUD_IN_TIMER, not PERMANENT
 
 MIN_TIMER = 0.01  # HZ/100
@@ -350,7 +350,7 @@ class NeighTable:
         if n is not None:
             n.used = now
             state = n.state
-            if state in _SEND_NOW:
+            if state in SEND_NOW:
                 return n.mac, []
             if state == STALE:
                 n.state = DELAY

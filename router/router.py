@@ -53,11 +53,18 @@ class Router:
         self.redirects = RedirectLimiter(clock)
         self.host: Optional[Interface] = None  # the node's own stack, behind an internal port
         self._ip_id = 0
+        self._iface_changes = 0
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a route or one of our addresses does (for cached decisions)."""
+        return self.fib.generation + self._iface_changes
 
     def add_interface(self, iface: Interface, host: bool = False) -> None:
         if iface.name in self.ifaces:
             raise ValueError(f"router interface {iface.name!r} exists")
         self.ifaces[iface.name] = iface
+        self._iface_changes += 1
         for a in iface.addrs:
             self.local[int(a.ip)] = iface
             net = a.network

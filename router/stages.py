@@ -16,13 +16,14 @@ from __future__ import annotations
 import struct
 
 from vswitch.packet import ETH_DST, ETH_P_ARP, ETH_P_IP, ETH_SRC, ETH_TYPE, VNET_LEN, ZERO_VNET, Packet, mac_str
-from vswitch.stage import Stage
+from vswitch.stage import FLOW_NOOP, Stage
 
 from . import arp
 from .fib import BLACKHOLE, PROHIBIT, UNREACHABLE
 from .icmp import SUPPRESS_REASONS, build_error, echo_reply, should_send_error
 from .ipv4 import (IP_DF, IP_FRAG, PARSE_REASONS, PROTO_ICMP, PROTO_TCP, PROTO_UDP, dec_ttl,
                    fragment, ip_str, is_lbcast, is_martian_dst, is_martian_src, is_multicast, parse_ipv4)
+from .neigh import SEND_NOW
 from .router import Router
 
 L3 = VNET_LEN + 14
@@ -144,6 +145,9 @@ class L3Input(RouterStage):
         pkt.note = etype
         return self.drop(pkt, "not-ip")
 
+    def flow_step(self, pkt):
+        return FLOW_NOOP if pkt.ip is not None or (pkt.drop_stage is None and pkt.ethertype == ETH_P_IP) else None
+
     def trace_record(self, pkt) -> dict:
         return {"iface": str(pkt.iface), "type": f"0x{pkt.ethertype:04x}"}
 
@@ -219,6 +223,12 @@ class Ip4Input(RouterStage):
         if pkt.buf[ETH_DST] & 1 or is_multicast(h.dst) or is_lbcast(h.dst) or h.dst in r.broadcast:
             return self.drop(pkt, "not-forwarded")
         return self.lookup
+
+    def flow_step(self, pkt):
+        h = pkt.ip
+        if pkt.drop_stage is not None or h.ihl != 5 or h.dst in self.router.local:
+            return None  # options, local delivery: per-packet work
+        return _header_ok, None
 
     def trace_record(self, pkt) -> dict:
         h = pkt.ip
@@ -305,6 +315,15 @@ class Ip4Lookup(RouterStage):
         pkt.nh = route.gateway or h.dst
         return self.forward
 
+    def flow_step(self, pkt):
+        if pkt.out_iface is None or pkt.icmp is not None or pkt.drop_stage is not None:
+            return None
+        r, gen = self.router, self.router.generation
+
+        def same_routes(buf, ts):  # routes and our addresses unchanged
+            return r.generation == gen
+        return same_routes, None
+
     def trace_record(self, pkt) -> dict:
         r = pkt.route
         if r is None:
@@ -342,8 +361,7 @@ class Ip4Forward(RouterStage):
         buf = pkt.buf
         frags = None
         if buf[1] & 0x7F:  # a GSO super-frame: what matters is the size of each segment
-            seg = h.hlen + _l4_hlen(buf, pkt.l3 + h.hlen, h.proto) + (buf[4] | (buf[5] << 8))  # gso_size
-            if seg > mtu:
+            if _segment_len(buf, pkt.l3, h.hlen, h.proto) > mtu:
                 if h.df:
                     self.drop_counts["frag-needed"] += 1
                     return self.to_icmp(pkt, DEST_UNREACH, FRAG_NEEDED, mtu)
@@ -365,6 +383,22 @@ class Ip4Forward(RouterStage):
         pkt.note = ("fragmented" if frags else "forwarded", h.ttl - 1)
         return self.rewrite
 
+    def flow_step(self, pkt):
+        note, h, out = pkt.note, pkt.ip, pkt.out_iface
+        if not isinstance(note, tuple) or note[0] != "forwarded":
+            return None
+        if out is pkt.iface and out.send_redirects and out.on_link(h.src) and (pkt.nh == h.dst or out.on_link(pkt.nh)):
+            return None  # a redirect may be due: the limiter decides per packet
+        mtu = out.mtu
+
+        def forwardable(buf, ts):  # what process() checks, for a 20-byte header
+            if buf[L3 + 8] <= 1:
+                return False
+            if buf[1] & 0x7F:
+                return _segment_len(buf, L3, 20, buf[L3 + 9]) <= mtu
+            return ((buf[L3 + 2] << 8) | buf[L3 + 3]) <= mtu
+        return forwardable, _dec_ttl
+
     def _redirect(self, pkt) -> None:
         copy = Packet(bytearray(pkt.buf), pkt.in_port, pkt.ts)
         copy.l3, copy.iface = pkt.l3, pkt.iface
@@ -384,12 +418,34 @@ class Ip4Forward(RouterStage):
         return f"{rec['action']} out {rec['egress']} (mtu {rec['mtu']}), ttl now {rec['ttl']}"
 
 
-def _l4_hlen(buf, off: int, proto: int) -> int:
+def _segment_len(buf, l3: int, hlen: int, proto: int) -> int:
+    """The IP length of each segment of a GSO super-frame (headers + gso_size)."""
+    off = l3 + hlen
     if proto == PROTO_TCP and len(buf) > off + 12:
-        return (buf[off + 12] >> 4) * 4
-    if proto == PROTO_UDP:
-        return 8
-    return 0
+        l4 = (buf[off + 12] >> 4) * 4
+    elif proto == PROTO_UDP:
+        l4 = 8
+    else:
+        l4 = 0
+    return hlen + l4 + (buf[4] | (buf[5] << 8))
+
+
+def _header_ok(buf, ts) -> bool:
+    """parse_ipv4 finds no fault in a 20-byte header at L3 (flow cache guard).
+
+    The checksum verifies when the header's words sum to 0xFFFF in one's
+    complement, i.e. the header read as one integer is 0 mod 0xFFFF (see
+    ipv4.checksum); the only other such header, all zeros, fails 0x45.
+    """
+    hdr = buf[L3:L3 + 20]
+    if hdr[0] != 0x45:
+        return False
+    total = (hdr[2] << 8) | hdr[3]
+    return 20 <= total <= len(buf) - L3 and int.from_bytes(hdr, "big") % 0xFFFF == 0
+
+
+def _dec_ttl(buf, ts) -> None:
+    dec_ttl(buf, L3)
 
 
 class Ip4Output(RouterStage):
@@ -474,6 +530,20 @@ class Ip4Rewrite(RouterStage):
             return self.tx
         pkt.in_port = iface  # onto the bridge, as if from the router's own bridge port
         return self.l2fwd
+
+    def flow_step(self, pkt):
+        note, iface = pkt.note, pkt.out_iface
+        if not isinstance(note, tuple) or note[0] != "resolved":
+            return None
+        n, mac, macs = self.router.neigh.get(iface.name, pkt.nh), note[2], note[2] + iface.mac
+
+        def still_resolved(buf, ts):  # resolve() would hand out the same MAC without a state change
+            return n.state in SEND_NOW and n.mac == mac and n.version >= 0
+
+        def rewrite(buf, ts):
+            n.used = ts
+            buf[ETH_DST:ETH_DST + 12] = macs
+        return still_resolved, rewrite
 
     def _fragments(self, pkt, iface, nh):
         """Each fragment resolves (or queues) on its own, in offset order, as ip_do_fragment sends them."""

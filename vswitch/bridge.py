@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .fdb import FULL, Fdb
+from .fdb import FULL, MOVE, NEW, REFRESH, STATIC, Fdb
 from .packet import ETH_DST, ETH_SRC, mac_str
-from .stage import Stage
+from .stage import FLOW_NOOP, Stage
 
 LINK_LOCAL_PREFIX = b"\x01\x80\xc2\x00\x00"
 
@@ -102,6 +102,23 @@ class L2Learn(Stage):
             return self.drop(pkt, "link-local")
         return self.fwd
 
+    def flow_step(self, pkt):
+        note = pkt.note
+        if pkt.drop_stage is not None:
+            return None
+        if note == "own-mac" or note == STATIC:
+            return FLOW_NOOP
+        if note not in (NEW, REFRESH, MOVE):
+            return None  # FULL counts an overflow per frame
+        fdb, entry, gen = self.fdb, self.fdb.get(bytes(pkt.buf[ETH_SRC:ETH_SRC + 6])), self.fdb.generation
+
+        def same_fdb(buf, ts):
+            return fdb.generation == gen
+
+        def refresh(buf, ts):  # what learn() does for a known MAC on its own port
+            entry.updated = ts
+        return same_fdb, refresh
+
     def trace_record(self, pkt) -> dict:
         fdb = pkt.note if pkt.note is not None else "not learned"
         rec = {"src": mac_str(pkt.src), "port": pkt.in_port.name, "fdb": fdb}
@@ -156,6 +173,18 @@ class L2Forward(Stage):
         pkt.note = "hit"
         pkt.out_port = port
         return self.tx
+
+    def flow_step(self, pkt):
+        if pkt.note == "local":
+            return FLOW_NOOP
+        if pkt.note != "hit":
+            return None  # floods and drops are decided per frame
+        fdb = self.fdb
+        entry, gen, ageing = fdb.get(bytes(pkt.buf[ETH_DST:ETH_DST + 6])), fdb.generation, fdb.ageing
+
+        def still_learned(buf, ts):  # lookup() would still return the same port
+            return fdb.generation == gen and (entry.static or ts - entry.updated < ageing)
+        return still_learned, None
 
     def _flood(self, pkt, why: str):
         ports = self.bridge.flood_ports(pkt.in_port)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List
 import yaml
 
 from .fdb import DEFAULT_AGEING, DEFAULT_MAX_LEARNED
+from .flowcache import DEFAULT_SIZE as DEFAULT_FLOW_CACHE
 from .packet import mac_bytes
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -128,6 +129,7 @@ class NodeConfig:
     socket: str = DEFAULT_SOCKET
     log_level: str = "info"
     router: dict | None = None  # {"interfaces": [...], "routes": [(path, text)]}
+    flow_cache: int = DEFAULT_FLOW_CACHE  # flows kept; 0 turns the cache off
 
 
 LATER = {
@@ -138,8 +140,9 @@ LATER = {
 
 def parse(doc: Any) -> NodeConfig:
     """Validate a config mapping (already loaded from YAML) into a NodeConfig."""
-    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router"}, {"name"}, later=LATER)
+    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router", "flow_cache"}, {"name"}, later=LATER)
     cfg = NodeConfig(name=_name(doc["name"], "name", what="a node name"))
+    cfg.flow_cache = _int(doc.get("flow_cache", DEFAULT_FLOW_CACHE), "flow_cache", 0, 10_000_000)
 
     bridge = _keys(doc.get("bridge", {}) or {}, "bridge", {"ageing", "max_learned", "static"})
     cfg.ageing = _num(bridge.get("ageing", DEFAULT_AGEING), "bridge.ageing", 1, 1_000_000)

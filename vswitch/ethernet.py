@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .packet import ETH_TYPE, ETH_P_8021AD, ETH_P_8021Q, MIN_FRAME, VNET_LEN, mac_str
-from .stage import Stage
+from .stage import FLOW_NOOP, Stage
 
 
 class EthInput(Stage):
@@ -20,6 +20,11 @@ class EthInput(Stage):
         if len(pkt.buf) < VNET_LEN + MIN_FRAME:
             return self.drop(pkt, "runt")
         return self.learn
+
+    def flow_step(self, pkt):
+        if pkt.drop_stage is not None:
+            return None
+        return (_long_enough, None)
 
     def trace_record(self, pkt) -> dict:
         buf = pkt.buf
@@ -46,3 +51,7 @@ class EthInput(Stage):
         if "offload" in rec:
             line += f" [{rec['offload']}]"
         return line
+
+
+def _long_enough(buf, ts) -> bool:
+    return len(buf) >= VNET_LEN + MIN_FRAME

@@ -54,6 +54,7 @@ class Fdb:
         self.overflow = 0
         self.moves = 0
         self.aged = 0
+        self.generation = 0  # bumped whenever a MAC appears, moves or goes (flow cache guard)
 
     # --- fast path ----------------------------------------------------------
     def learn(self, mac: bytes, port, now: float) -> str:
@@ -63,18 +64,21 @@ class Fdb:
                 return STATIC
             if now - e.updated >= self.ageing:  # expired but not yet swept: a new learn
                 e.port, e.updated = port, now
+                self.generation += 1
                 return NEW
             if e.port is port:
                 e.updated = now
                 return REFRESH
             e.port, e.updated = port, now
             self.moves += 1
+            self.generation += 1
             return MOVE
         if self.learned >= self.max_learned:
             self.overflow += 1
             return FULL
         self.table[mac] = FdbEntry(mac, port, now)
         self.learned += 1
+        self.generation += 1
         return NEW
 
     def lookup(self, mac: bytes, now: float):
@@ -93,6 +97,8 @@ class Fdb:
             del self.table[m]
         self.learned -= len(dead)
         self.aged += len(dead)
+        if dead:
+            self.generation += 1
         return len(dead)
 
     def add_static(self, mac: bytes, port) -> None:
@@ -100,6 +106,7 @@ class Fdb:
         if old is not None and not old.static:
             self.learned -= 1
         self.table[mac] = FdbEntry(mac, port, 0.0, static=True)
+        self.generation += 1
 
     def delete(self, mac: bytes) -> bool:
         e = self.table.pop(mac, None)
@@ -107,6 +114,7 @@ class Fdb:
             return False
         if not e.static:
             self.learned -= 1
+        self.generation += 1
         return True
 
     def flush(self, port=None, include_static: bool = False) -> int:

@@ -14,6 +14,7 @@ from .bridge import Bridge, L2Forward, L2Learn
 from .config import ConfigError, NodeConfig, port_spec
 from .ethernet import EthInput
 from .fdb import Fdb
+from .flowcache import FlowCache, flow_key
 from .output import PortTx
 from .packet import Packet, mac_bytes
 from .ports import Port, port_kinds
@@ -38,6 +39,7 @@ class Node:
         self.graph.build("eth-input")
         if self.router_io is not None:
             self.router_io.bind(self.graph)
+        self.flows = FlowCache(cfg.flow_cache) if cfg.flow_cache else None
         self.ports: Dict[str, Port] = {}
         self.loop = None
         self._next_index = 1
@@ -89,6 +91,7 @@ class Node:
             port.entry = self.graph.entry
             self.bridge.add_port(port)
         port.start(self.loop, self.receive)
+        self.flush_flows()
         log.info("port %s (%s) attached as index %d", port.name, port.kind, port.index)
         return port
 
@@ -101,6 +104,7 @@ class Node:
             port.iface = None
         else:
             self.bridge.remove_port(port)
+        self.flush_flows()
         port.close()
         log.info("port %s removed", name)
 
@@ -128,7 +132,24 @@ class Node:
 
     # --- packets ------------------------------------------------------------
     def receive(self, port: Port, buf, ts: float) -> None:
-        self.graph.run(Packet(buf, port, ts), port.entry)
+        flows = self.flows
+        key = flow_key(port, buf) if flows is not None else None
+        if key is None:
+            self.graph.run(Packet(buf, port, ts), port.entry)
+            return
+        flow = flows.flows.get(key)
+        if flow is not None and flow.run(buf, ts):
+            flows.hits += 1
+            return
+        flows.misses += 1
+        if type(buf) is bytes:  # cached actions rewrite in place
+            buf = bytearray(buf)
+        steps = self.graph.run_recorded(Packet(buf, port, ts), port.entry)
+        if steps is not None:
+            flows.insert(key, steps)
+
+    def flush_flows(self) -> int:
+        return self.flows.flush() if self.flows is not None else 0
 
     def trace(self, port_name: str, frame: bytes, dry_run: bool = True, vnet: Optional[bytes] = None) -> Packet:
         """Run one bare frame through the pipeline with tracing on; returns the packet."""
@@ -156,6 +177,8 @@ class Node:
             return self.bridge.fdb.rows(now)
         if table == "stats":
             return self.stats()
+        if table == "flows":
+            return self.flows.rows() if self.flows is not None else []
         if table == "drops":
             return self.graph.drop_table()
         if table in ("routes", "neigh", "interfaces"):
@@ -169,11 +192,17 @@ class Node:
         raise KeyError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
 
     def stats(self) -> list:
+        """Per-stage counters; packets that took a cached flow count at every stage they skipped."""
+        if self.flows is not None:
+            self.flows.credit()
         rows = []
         for st in self.graph.stages.values():
             row = {"stage": st.name}
             row.update(st.stats())
             rows.append(row)
+        if self.flows is not None:
+            c = self.flows.counters()
+            rows.append({"stage": "(flow-cache)", "packets": c.pop("hits"), "drops": {}, **c})
         return rows
 
     def fdb_flush(self, port: Optional[str] = None) -> int:
@@ -189,4 +218,4 @@ class Node:
         return self.bridge.fdb.delete(mac_bytes(mac))
 
 
-TABLES = ("ports", "fdb", "stats", "drops", "routes", "neigh", "interfaces")
+TABLES = ("ports", "fdb", "stats", "drops", "flows", "routes", "neigh", "interfaces")

@@ -25,6 +25,17 @@ class PortTx(Stage):
             port.send(buf)  # a failed copy of a flood is counted by the port
         return pkt.then
 
+    def flow_step(self, pkt):
+        port = pkt.out_port
+        if port is None or pkt.then is not None or pkt.drop_stage is not None:
+            return None
+        counts = self.drop_counts
+
+        def send(buf, ts):
+            if not port.send(buf):
+                counts["tx-error"] += 1
+        return None, send
+
     def trace_record(self, pkt) -> dict:
         ports = [pkt.out_port] if pkt.out_port is not None else list(pkt.out_ports or ())
         rec = {"ports": [p.name for p in ports], "len": len(pkt)}

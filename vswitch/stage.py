@@ -8,6 +8,9 @@ packet is traced, so tracing costs nothing when it is off.
 
 Drops are declared per stage as ``(reason, human text)`` pairs and counted
 per reason; an undeclared reason is a programming error (KeyError).
+
+A stage may also say how to replay its decision without deciding again
+(``flow_step``), which is what the flow cache (flowcache.py) builds on.
 """
 
 from __future__ import annotations
@@ -60,6 +63,23 @@ class Stage:
 
     def stats(self) -> dict:
         return {"packets": self.packets, "drops": {k: v for k, v in self.drop_counts.items()}}
+
+    # --- flow cache ---------------------------------------------------------
+    def flow_step(self, pkt):
+        """How to replay the decision just taken for ``pkt``, called right after ``process``.
+
+        Returns ``(guard, action)`` (either may be None; see FLOW_NOOP): on a
+        cache hit every guard of the flow runs first, as ``guard(buf, ts)``
+        on the frame as received, and any False sends the frame down the slow
+        path; then every action ``action(buf, ts)`` runs in stage order.
+        Returns None when the decision cannot be replayed (drops, ICMP,
+        floods, anything stateful per packet): the default, so a stage is
+        only ever cached when it says how.
+        """
+        return None
+
+
+FLOW_NOOP = (None, None)  # flow_step for a decision fully fixed by the flow key
 
 
 class Drop(Stage):
@@ -117,6 +137,22 @@ class Graph:
                 stage = stage.process(pkt)
         else:
             self._run_traced(pkt, stage)
+
+    def run_recorded(self, pkt, stage: Stage):
+        """Run untraced and collect each stage's flow_step: a list of (stage, guard, action),
+        or None as soon as one stage's decision cannot be replayed."""
+        steps: Optional[list] = []
+        while stage is not None:
+            stage.packets += 1
+            nxt = stage.process(pkt)
+            if steps is not None:
+                step = stage.flow_step(pkt)
+                if step is None:
+                    steps = None
+                else:
+                    steps.append((stage, step[0], step[1]))
+            stage = nxt
+        return steps
 
     def _run_traced(self, pkt, stage: Stage) -> None:
         while stage is not None:

@@ -49,6 +49,13 @@ def drops(rows: List[dict], node: str = "") -> str:
     return columns(rows, [("STAGE", "stage"), ("REASON", "reason"), ("COUNT", "count"), ("MEANING", "text")])
 
 
+def flows(rows: List[dict], node: str = "") -> str:
+    """Like `ovs-appctl dpctl/dump-flows`: the key, hits, and the stages the flow replays."""
+    out = [f"in_port({r['in_port']}),eth(src={r['src_mac']},dst={r['dst_mac']}),"
+           f"ipv4(src={r['src']},dst={r['dst']}) packets:{r['hits']} stages:{','.join(r['stages'])}" for r in rows]
+    return "\n".join(out) or "(no cached flows)"
+
+
 def routes(rows: List[dict], node: str = "") -> str:
     """Like `ip route`: the rows carry the line already."""
     return "\n".join(r["text"] for r in rows) or "(no routes)"
@@ -71,7 +78,7 @@ def interfaces(rows: List[dict], node: str = "") -> str:
 
 
 RENDER: Dict[str, Callable[..., str]] = {"fdb": fdb, "ports": ports, "stats": stats, "drops": drops,
-                                         "routes": routes, "neigh": neigh, "interfaces": interfaces}
+                                         "flows": flows, "routes": routes, "neigh": neigh, "interfaces": interfaces}
 
 
 def render(table: str, rows, node: str = "vswitch", fmt: str = "table") -> str:
