@@ -195,11 +195,50 @@ class ArpInput(RouterStage):
 
 
 class Ip4Input(RouterStage):
-    """Header checks and martians (ip_rcv_core, ip_route_input_slow), then local or forward."""
+    """Header checks (ip_rcv_core), then the PREROUTING hook if one is wired (nat), then ip4-route."""
 
     name = "ip4-input"
+    drops = dict(PARSE_REASONS)
+
+    def __init__(self, router: Router, io: RouterIO, after: str = "ip4-route") -> None:
+        super().__init__(router, io)
+        self.next_names = (after,)
+
+    def on_bind(self, graph) -> None:
+        self.next = graph.stages[self.next_names[0]]
+
+    def process(self, pkt):
+        h = pkt.ip = parse_ipv4(pkt.buf, pkt.l3)
+        if h.reason:
+            return self.drop(pkt, h.reason)
+        return self.next
+
+    def flow_step(self, pkt):
+        h = pkt.ip
+        if pkt.drop_stage is not None or h.ihl != 5:
+            return None  # IP options: per-packet work
+        return _header_ok, None
+
+    def trace_record(self, pkt) -> dict:
+        h = pkt.ip
+        if h is None or h.reason:
+            return {"valid": False}
+        return {"valid": True, "src": ip_str(h.src), "dst": ip_str(h.dst), "proto": h.proto, "ttl": h.ttl,
+                "len": h.total_len, "df": h.df}
+
+    def format_trace(self, rec: dict) -> str:
+        if not rec["valid"]:
+            return "invalid IPv4 header"
+        line = f"{rec['src']} > {rec['dst']} proto {rec['proto']} ttl {rec['ttl']} len {rec['len']}"
+        return line + (" DF" if rec["df"] else "")
+
+
+class Ip4Route(RouterStage):
+    """Martians, then local delivery or forwarding (ip_route_input_slow)."""
+
+    name = "ip4-route"
     next_names = ("ip4-local", "ip4-lookup")
-    drops = dict(PARSE_REASONS) | {
+    drops = {
         "martian-source": "source is multicast, broadcast, 0/8 or 127/8",
         "martian-destination": "destination is 0/8 or 127/8",
         "not-forwarded": "broadcast/multicast (L2 or L3) is not routed",
@@ -210,38 +249,30 @@ class Ip4Input(RouterStage):
         self.lookup = graph.stages["ip4-lookup"]
 
     def process(self, pkt):
-        h = pkt.ip = parse_ipv4(pkt.buf, pkt.l3)
-        if h.reason:
-            return self.drop(pkt, h.reason)
-        if is_martian_src(h.src):
+        h = pkt.ip  # a PREROUTING hook that rewrites addresses updates these too
+        src, dst = h.src, h.dst
+        if is_martian_src(src):
             return self.drop(pkt, "martian-source")
-        if is_martian_dst(h.dst):
+        if is_martian_dst(dst):
             return self.drop(pkt, "martian-destination")
         r = self.router
-        if h.dst in r.local:
+        if dst in r.local:
+            pkt.note = "local"
             return self.local
-        if pkt.buf[ETH_DST] & 1 or is_multicast(h.dst) or is_lbcast(h.dst) or h.dst in r.broadcast:
+        if pkt.buf[ETH_DST] & 1 or is_multicast(dst) or is_lbcast(dst) or dst in r.broadcast:
             return self.drop(pkt, "not-forwarded")
+        pkt.note = "forward"
         return self.lookup
 
     def flow_step(self, pkt):
-        h = pkt.ip
-        if pkt.drop_stage is not None or h.ihl != 5 or h.dst in self.router.local:
-            return None  # options, local delivery: per-packet work
-        return _header_ok, None
+        return FLOW_NOOP if pkt.note == "forward" else None  # local delivery is per-packet work
 
     def trace_record(self, pkt) -> dict:
-        h = pkt.ip
-        if h is None or h.reason:
-            return {"valid": False}
-        return {"valid": True, "src": ip_str(h.src), "dst": ip_str(h.dst), "proto": h.proto, "ttl": h.ttl,
-                "len": h.total_len, "df": h.df, "local": h.dst in self.router.local}
+        return {"decision": pkt.note}
 
     def format_trace(self, rec: dict) -> str:
-        if not rec["valid"]:
-            return "invalid IPv4 header"
-        line = f"{rec['src']} > {rec['dst']} proto {rec['proto']} ttl {rec['ttl']} len {rec['len']}"
-        return line + (" DF" if rec["df"] else "") + (" (one of our addresses)" if rec["local"] else "")
+        return {"local": "for one of our addresses", "forward": "not ours: forward"}.get(rec["decision"],
+                                                                                         "not routed")
 
 
 class Ip4Local(RouterStage):
@@ -339,16 +370,19 @@ class Ip4Lookup(RouterStage):
 
 
 class Ip4Forward(RouterStage):
-    """ip_forward: TTL, MTU (frag-needed or fragment), redirects, TTL decrement."""
+    """ip_forward: TTL, MTU (frag-needed or fragment), redirects, TTL decrement; then POSTROUTING if wired."""
 
     name = "ip4-forward"
-    next_names = ("ip4-rewrite", "ip4-icmp-error")
     drops = {"ttl-exceeded": "TTL <= 1 (time exceeded sent)",
              "frag-needed": "longer than the egress MTU with DF (frag-needed sent)",
              "gso-over-mtu": "offloaded super-frame without DF whose segments exceed the MTU"}
 
+    def __init__(self, router: Router, io: RouterIO, after: str = "ip4-rewrite") -> None:
+        super().__init__(router, io)
+        self.next_names = (after, "ip4-icmp-error")
+
     def on_bind(self, graph) -> None:
-        self.rewrite = graph.stages["ip4-rewrite"]
+        self.rewrite = graph.stages[self.next_names[0]]
         self.icmp = graph.stages["ip4-icmp-error"]
 
     def process(self, pkt):
@@ -638,12 +672,23 @@ class Ip4IcmpError(RouterStage):
         return f"ICMP {rec['type']}/{rec['code']} ({rec['what']}) {rec['src']} > {rec['dst']}, {rec['len']} bytes"
 
 
-ROUTER_STAGES = (L3Input, ArpInput, Ip4Input, Ip4Local, Ip4Lookup, Ip4Forward, Ip4Output, Ip4Rewrite, Ip4IcmpError)
+ROUTER_STAGES = (L3Input, ArpInput, Ip4Input, Ip4Route, Ip4Local, Ip4Lookup, Ip4Forward, Ip4Output, Ip4Rewrite, Ip4IcmpError)
 
 
-def add_router_stages(graph, router: Router) -> RouterIO:
-    """Add the router's stages to a node graph (before Graph.build)."""
+def add_router_stages(graph, router: Router, prerouting: str = "ip4-route",
+                      postrouting: str = "ip4-rewrite") -> RouterIO:
+    """Add the router's stages to a node graph (before Graph.build).
+
+    ``prerouting``/``postrouting`` name the stages that take a packet after
+    ip4-input and after ip4-forward (netfilter's hooks); a hook stage hands
+    it on to ip4-route / ip4-rewrite itself.
+    """
     io = RouterIO(router)
     for cls in ROUTER_STAGES:
-        graph.add(cls(router, io))
+        if cls is Ip4Input:
+            graph.add(cls(router, io, after=prerouting))
+        elif cls is Ip4Forward:
+            graph.add(cls(router, io, after=postrouting))
+        else:
+            graph.add(cls(router, io))
     return io

@@ -228,7 +228,7 @@ def test_established_flows_hit_the_cache():
     rows = p.fast.show("flows")
     assert {r["in_port"] for r in rows} == {"a", "b", "up"}
     routed = next(r for r in rows if r["in_port"] == "up")
-    assert routed["stages"] == ["l3-input", "ip4-input", "ip4-lookup", "ip4-forward", "ip4-rewrite",
+    assert routed["stages"] == ["l3-input", "ip4-input", "ip4-route", "ip4-lookup", "ip4-forward", "ip4-rewrite",
                                 "l2-forward", "port-tx"]
     p.check_tables()  # hits are credited to every stage they skipped
 

@@ -629,7 +629,7 @@ def test_martians_dropped_silently(rig, src, dst, reason):
     rig.gw_arps()
     rig.from_pod(udp(src=src, dst=dst, ttl=1))  # TTL 1: a forwarded one would provoke an error
     assert rig.take_all() == {"p1": [], "p2": [], "up": []}
-    assert rig.drops("ip4-input", reason) == 1
+    assert rig.drops("ip4-route", reason) == 1
     assert rig.packets("ip4-lookup") == 0 and rig.packets("ip4-icmp-error") == 0
 
 
@@ -715,7 +715,7 @@ def test_l2_broadcast_is_not_routed_so_no_error(rig):
     out = rig.take_all()
     assert out["p1"] == [] and out["up"] == []
     assert len(out["p2"]) == 1  # the bridge still floods it
-    assert rig.drops("ip4-input", "not-forwarded") == 1
+    assert rig.drops("ip4-route", "not-forwarded") == 1
     assert rig.packets("ip4-icmp-error") == 0
 
 
@@ -760,7 +760,7 @@ def test_subnet_broadcast_is_not_forwarded_nor_answered_with_errors(rig, ttl):
 
 # --- dry run ------------------------------------------------------------------------------------------------------
 
-FORWARD_PATH = ["eth-input", "l2-learn", "l2-forward", "l3-input", "ip4-input", "ip4-lookup", "ip4-forward",
+FORWARD_PATH = ["eth-input", "l2-learn", "l2-forward", "l3-input", "ip4-input", "ip4-route", "ip4-lookup", "ip4-forward",
                 "ip4-rewrite", "port-tx"]
 
 
@@ -798,9 +798,9 @@ def test_trace_of_ttl_exceeded_shows_error_path(rig):
     rig.pod_arps()
     pkt = rig.n.trace("p1", bytes(Ether(src=P1, dst=rig.rmac) / udp(ttl=1)))
     stages = [s["stage"] for s in pkt.trace]
-    assert stages[:7] == FORWARD_PATH[:7]
-    assert stages[7:] == ["ip4-icmp-error", "ip4-output", "ip4-rewrite", "l2-forward", "port-tx"]
-    err = pkt.trace[7]["record"]
+    assert stages[:8] == FORWARD_PATH[:8]
+    assert stages[8:] == ["ip4-icmp-error", "ip4-output", "ip4-rewrite", "l2-forward", "port-tx"]
+    err = pkt.trace[8]["record"]
     assert (err["type"], err["code"], err["src"], err["dst"]) == (11, 0, RTR_PODS, POD1)
     assert rig.take_all() == {"p1": [], "p2": [], "up": []}
     # a dry run does not spend rate-limit tokens: six real errors still go out
