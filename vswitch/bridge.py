@@ -68,13 +68,14 @@ class L2Learn(Stage):
         "link-local": "IEEE link-local group address not in group_fwd_mask",
     }
 
-    def __init__(self, bridge: Bridge) -> None:
+    def __init__(self, bridge: Bridge, after: str = "l2-forward") -> None:
         super().__init__()
         self.bridge = bridge
         self.fdb = bridge.fdb
+        self.next_names = (after,)  # a hook stage (nat-bridge, br_netfilter's place) may sit before l2-forward
 
     def on_bind(self, graph) -> None:
-        self.fwd = graph.stages["l2-forward"]
+        self.fwd = graph.stages[self.next_names[0]]
 
     def process(self, pkt):
         buf = pkt.buf

@@ -61,6 +61,33 @@ def cmd_port(args) -> int:
     return 0
 
 
+def cmd_apply(args) -> int:
+    """`vswitch apply|delete -f FILE`: the file's text goes to the daemon, which validates it whole."""
+    sock = _socket(args)
+    if args.file == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text, source = f.read(), args.file
+        except OSError as e:
+            raise ValueError(f"cannot read {args.file}: {e.strerror}") from None
+    res = control.request(sock, "apply", text=text, source=source, delete=args.command == "delete")
+    verb = "deleted" if args.command == "delete" else "applied"
+    line = f"{verb} {res['services']} Service(s), {res['endpointslices']} EndpointSlice(s)"
+    if res["stale_udp_removed"]:
+        line += f"; removed {res['stale_udp_removed']} UDP conntrack entries towards endpoints that went away"
+    print(line)
+    return 0
+
+
+def cmd_conntrack(args) -> int:
+    filters = {k: getattr(args, k) for k in ("proto", "src", "dst", "sport", "dport", "service")}
+    res = control.request(_socket(args), "conntrack-flush", filters=filters)
+    print(f"{res['deleted']} flow entries have been deleted.")  # conntrack -F's wording
+    return 0
+
+
 def cmd_lab(args) -> int:
     from . import lab
     if args.action == "up":
@@ -159,6 +186,24 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("name")
     target(f)
     sp.set_defaults(fn=cmd_port)
+
+    for verb, what in (("apply", "add or replace"), ("delete", "remove")):
+        sp = sub.add_parser(verb, help=f"{what} Services/EndpointSlices on a running node (all or nothing)")
+        sp.add_argument("-f", "--filename", dest="file", required=True, help="YAML manifests ('-' for stdin)")
+        target(sp)
+        sp.set_defaults(fn=cmd_apply)
+
+    sp = sub.add_parser("conntrack", help="conntrack entries of a running node")
+    csub = sp.add_subparsers(dest="action", required=True)
+    f = csub.add_parser("flush", help="delete entries (all, or those matching every filter given)")
+    f.add_argument("-p", "--proto", choices=("tcp", "udp", "icmp"))
+    f.add_argument("-s", "--src", help="original source address")
+    f.add_argument("-d", "--dst", help="original destination address (a ClusterIP, say)")
+    f.add_argument("--sport", type=int)
+    f.add_argument("--dport", type=int)
+    f.add_argument("--service", help="namespace/name[:port] of a Service")
+    target(f)
+    sp.set_defaults(fn=cmd_conntrack)
 
     sp = sub.add_parser("lab", help="clusters of nodes and pods in network namespaces")
     lsub = sp.add_subparsers(dest="action", required=True)

@@ -130,17 +130,20 @@ class NodeConfig:
     log_level: str = "info"
     router: dict | None = None  # {"interfaces": [...], "routes": [(path, text)]}
     flow_cache: int = DEFAULT_FLOW_CACHE  # flows kept; 0 turns the cache off
+    nat: dict | None = None  # see _nat
 
 
 LATER = {
-    "services": "Services arrive with the nat issue; manifests go through `vswitch apply`",
+    "services": "Services come as Kubernetes manifests: list files under nat.manifests or use `vswitch apply -f`",
     "vxlan": "the VXLAN overlay arrives with the overlay issue",
 }
+SCHEDULERS = ("random", "rr", "lc", "sh", "mh")
 
 
 def parse(doc: Any) -> NodeConfig:
     """Validate a config mapping (already loaded from YAML) into a NodeConfig."""
-    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router", "flow_cache"}, {"name"}, later=LATER)
+    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router", "flow_cache", "nat"},
+          {"name"}, later=LATER)
     cfg = NodeConfig(name=_name(doc["name"], "name", what="a node name"))
     cfg.flow_cache = _int(doc.get("flow_cache", DEFAULT_FLOW_CACHE), "flow_cache", 0, 10_000_000)
 
@@ -185,6 +188,10 @@ def parse(doc: Any) -> NodeConfig:
 
     if doc.get("router") is not None:
         cfg.router = _router(doc["router"], seen)
+    if doc.get("nat") is not None:
+        if cfg.router is None:
+            raise ConfigError("nat", "needs a router: section (Services are translated on the routed path)")
+        cfg.nat = _nat(doc["nat"])
 
     control = _keys(doc.get("control", {}) or {}, "control", {"socket"})
     sock = control.get("socket", DEFAULT_SOCKET)
@@ -201,6 +208,40 @@ def parse(doc: Any) -> NodeConfig:
 
 
 IFACE_KEYS = {"name", "address", "addresses", "mac", "mtu", "port", "host", "redirects"}
+
+
+def _cidr(v: Any, path: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(v))
+    except (ValueError, TypeError):
+        raise ConfigError(path, f"must be an IPv4 prefix like 10.244.0.0/16, got {v!r}") from None
+
+
+def _nat(doc: Any) -> dict:
+    """nat: the node's kube-proxy and ip-masq (docs/config.md)."""
+    _keys(doc, "nat", {"clusterCIDR", "masquerade", "scheduler", "conntrack", "manifests", "nodePortRange"})
+    out = {"cluster_cidr": _cidr(doc["clusterCIDR"], "nat.clusterCIDR") if doc.get("clusterCIDR") else None,
+           "masquerade": _bool(doc.get("masquerade", True), "nat.masquerade")}
+    sched = doc.get("scheduler", "random")
+    if sched not in SCHEDULERS:
+        raise ConfigError("nat.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {sched!r}")
+    out["scheduler"] = sched
+    ct = _keys(doc.get("conntrack", {}) or {}, "nat.conntrack", {"max", "profile"})
+    out["conntrack_max"] = _int(ct.get("max", 131072), "nat.conntrack.max", 1, 100_000_000)
+    profile = ct.get("profile", "kube-proxy")
+    if profile not in ("kube-proxy", "kernel"):
+        raise ConfigError("nat.conntrack.profile", f"must be kube-proxy or kernel, got {profile!r}")
+    out["profile"] = profile
+    rng = doc.get("nodePortRange", "30000-32767")
+    m = re.fullmatch(r"(\d+)-(\d+)", str(rng))
+    if not m or not 1 <= int(m[1]) <= int(m[2]) <= 65535:
+        raise ConfigError("nat.nodePortRange", f"must be like 30000-32767, got {rng!r}")
+    out["node_port_range"] = (int(m[1]), int(m[2]))
+    files = doc.get("manifests", []) or []
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise ConfigError("nat.manifests", "must be a list of file paths")
+    out["manifests"] = files
+    return out
 
 
 def _router(doc: Any, ports: Dict[str, str]) -> dict:

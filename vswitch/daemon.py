@@ -60,6 +60,16 @@ class Commands:
         self.node.remove_port(name)
         return {"deleted": name}
 
+    def cmd_apply(self, text: str, source: str = "", delete: bool = False):
+        from nat.manifests import ManifestError
+        try:
+            return self.node.apply_manifests(text, source, delete=delete)
+        except ManifestError as e:
+            raise ValueError(str(e)) from None
+
+    def cmd_conntrack_flush(self, filters: dict):
+        return {"deleted": self.node.conntrack_flush(**filters)}
+
     def cmd_trace(self, port: str, frame: bytes, commit: bool = False):
         pkt = self.node.trace(port, frame, dry_run=not commit)
         return {"id": pkt.id, "steps": [dict(s) for s in pkt.trace]}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .packet import ETH_TYPE, ETH_P_8021AD, ETH_P_8021Q, MIN_FRAME, VNET_LEN, mac_str
-from .stage import FLOW_NOOP, Stage
+from .stage import Stage
 
 
 class EthInput(Stage):

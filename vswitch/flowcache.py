@@ -22,9 +22,10 @@ from __future__ import annotations
 import struct
 from typing import Dict, Optional
 
-# The key of an IPv4 frame: Ethernet header (MACs + type), then the IPv4
-# addresses. Everything else a decision reads is checked by the guards.
-_KEY = struct.Struct("14s12x8s")
+# The key of an IPv4 frame: Ethernet header (MACs + type), the IP protocol,
+# the addresses, and for TCP/UDP the ports (a connection, for conntrack's
+# sake). Everything else a decision reads is checked by the guards.
+_KEY = struct.Struct("14s9xB2x8s4s")
 KEY_OFFSET = 10  # the virtio-net header comes first
 MIN_KEY_LEN = KEY_OFFSET + _KEY.size
 DEFAULT_SIZE = 65536
@@ -34,8 +35,10 @@ def flow_key(port, buf):
     """The cache key of a frame, or None if it is not one the cache handles (not IPv4)."""
     if len(buf) < MIN_KEY_LEN or buf[22] != 0x08 or buf[23] != 0x00:
         return None
-    eth, addrs = _KEY.unpack_from(buf, KEY_OFFSET)
-    return (port, eth, addrs)
+    eth, proto, addrs, ports = _KEY.unpack_from(buf, KEY_OFFSET)
+    if proto != 6 and proto != 17:
+        ports = None  # ICMP's next bytes change per packet (checksum): not part of a flow
+    return (port, eth, proto, addrs, ports)
 
 
 class Flow:
@@ -105,10 +108,13 @@ class FlowCache:
     def rows(self) -> list:
         """One row per cached flow (for `show flows`)."""
         out = []
-        for (port, eth, addrs), flow in self.flows.items():
-            out.append({"in_port": port.name, "dst_mac": _mac(eth[0:6]), "src_mac": _mac(eth[6:12]),
-                        "src": _ip(addrs[0:4]), "dst": _ip(addrs[4:8]), "hits": flow.hits,
-                        "stages": [s.name for s in flow.stages]})
+        for (port, eth, proto, addrs, ports), flow in self.flows.items():
+            row = {"in_port": port.name, "dst_mac": _mac(eth[0:6]), "src_mac": _mac(eth[6:12]), "proto": proto,
+                   "src": _ip(addrs[0:4]), "dst": _ip(addrs[4:8]), "hits": flow.hits,
+                   "stages": [s.name for s in flow.stages]}
+            if ports is not None:
+                row["sport"], row["dport"] = int.from_bytes(ports[:2], "big"), int.from_bytes(ports[2:], "big")
+            out.append(row)
         out.sort(key=lambda r: (r["in_port"], r["src"], r["dst"]))
         return out
 

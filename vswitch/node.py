@@ -30,12 +30,15 @@ class Node:
         self.clock = clock
         self.bridge = Bridge(Fdb(cfg.ageing, cfg.max_learned))
         self.graph = Graph()
-        for stage in (EthInput(), L2Learn(self.bridge), L2Forward(self.bridge), PortTx()):
+        learn = L2Learn(self.bridge, after="nat-bridge" if cfg.nat else "l2-forward")
+        for stage in (EthInput(), learn, L2Forward(self.bridge), PortTx()):
             self.graph.add(stage)
-        self.router = self.router_io = None
+        self.router = self.router_io = self.nat = None
         self.router_ports: Dict[str, object] = {}  # port name -> router interface owning it
         if cfg.router is not None:
             self._build_router(cfg.router)
+        if cfg.nat is not None:
+            self._build_nat(cfg.nat)
         self.graph.build("eth-input")
         if self.router_io is not None:
             self.router_io.bind(self.graph)
@@ -51,7 +54,8 @@ class Node:
         from router.stages import add_router_stages
 
         self.router = Router(self.clock)
-        self.router_io = add_router_stages(self.graph, self.router)
+        hooks = {"prerouting": "nat-prerouting", "postrouting": "nat-postrouting"} if self.cfg.nat else {}
+        self.router_io = add_router_stages(self.graph, self.router, **hooks)
         for spec in rcfg["interfaces"]:
             iface = Interface(spec["name"], spec["mac"] or stable_mac(self.name, spec["name"]), spec["addresses"],
                               spec["mtu"], proxy_arp=spec["host"], send_redirects=spec["redirects"])
@@ -65,6 +69,79 @@ class Node:
                 self.router.add_route(text)
             except ValueError as e:
                 raise ConfigError(path, str(e)) from None
+
+    def _build_nat(self, ncfg: dict) -> None:
+        """Conntrack, Services and their stages; manifests listed in the config are loaded here."""
+        from nat.manifests import ManifestError, load_file
+        from nat.stages import Nat, NatBridge, NatPostrouting, NatPrerouting
+
+        self.nat = Nat(self.router, self.clock, node=self.name, cluster_cidr=ncfg["cluster_cidr"],
+                       masquerade=ncfg["masquerade"], scheduler=ncfg["scheduler"],
+                       max_entries=ncfg["conntrack_max"], profile=ncfg["profile"])
+        self.node_port_range = ncfg["node_port_range"]
+        for stage in (NatPrerouting(self.nat, self.router_io), NatPostrouting(self.nat, self.router_io),
+                      NatBridge(self.nat, self.bridge)):
+            self.graph.add(stage)
+        for i, path in enumerate(ncfg["manifests"]):
+            try:
+                self.nat.apply(load_file(path, node_port_range=self.node_port_range))
+            except ManifestError as e:
+                raise ConfigError(f"nat.manifests[{i}]", str(e)) from None
+
+    # --- Services -------------------------------------------------------------
+    def _need_nat(self):
+        if self.nat is None:
+            raise KeyError(f"node {self.name} has no nat (no `nat:` in its config)")
+        return self.nat
+
+    def apply_manifests(self, text: str, source: str = "", delete: bool = False) -> dict:
+        """`vswitch apply|delete -f`: all objects or none (a bad one raises ManifestError, nothing changes)."""
+        from nat.manifests import load_text
+        nat = self._need_nat()
+        m = load_text(text, source, node_port_range=self.node_port_range)
+        if not delete:
+            self._check_node_ports(m)
+        removed = nat.delete(m) if delete else nat.apply(m)
+        self.flush_flows()
+        return {"services": len(m.services), "endpointslices": len(m.slices), "stale_udp_removed": removed}
+
+    def _check_node_ports(self, m) -> None:
+        """A nodePort already taken by another Service is refused, as the API server does."""
+        from nat.manifests import ManifestError
+        taken = {(p.protocol, p.node_port): s.key for s in self.nat.services.services.values()
+                 for p in s.ports if p.node_port}
+        for s in m.services:
+            for i, p in enumerate(s.ports):
+                owner = taken.get((p.protocol, p.node_port))
+                if p.node_port and owner is not None and owner != s.key:
+                    raise ManifestError("Service", f"{s.namespace}/{s.name}", f"spec.ports[{i}].nodePort",
+                                        f"{p.node_port}/{p.protocol} is already used by Service "
+                                        f"{owner[0]}/{owner[1]}")
+
+    def conntrack_flush(self, **filters) -> int:
+        """Delete entries matching every given filter (proto, src, dst, sport, dport, service)."""
+        from router.ipv4 import ip_int
+        nat = self._need_nat()
+        protos = {"tcp": 6, "udp": 17, "icmp": 1}
+        want = {}
+        for k, v in filters.items():
+            if v is None:
+                continue
+            if k == "proto":
+                if v not in protos:
+                    raise ValueError(f"proto must be tcp, udp or icmp, got {v!r}")
+                want[0] = protos[v]
+            elif k in ("src", "dst"):
+                want[1 if k == "src" else 3] = ip_int(v)
+            elif k in ("sport", "dport"):
+                want[2 if k == "sport" else 4] = int(v)
+            elif k != "service":
+                raise ValueError(f"unknown conntrack filter {k!r}")
+        svc = filters.get("service")
+        n = nat.ct.delete_where(lambda c: all(c.orig[i] == v for i, v in want.items())
+                                and (svc is None or c.service == svc))
+        self.flush_flows()
+        return n
 
     # --- ports --------------------------------------------------------------
     def add_port(self, spec: dict, path: str = "port") -> Port:
@@ -166,8 +243,11 @@ class Node:
 
     def tick(self) -> None:
         """Drive timers (ARP retransmits, neighbour state changes)."""
+        now = self.clock()
         if self.router_io is not None:
-            self.router_io.tick(self.clock())
+            self.router_io.tick(now)
+        if self.nat is not None:
+            self.nat.tick(now)
 
     def show(self, table: str) -> list:
         now = self.clock()
@@ -181,6 +261,9 @@ class Node:
             return self.flows.rows() if self.flows is not None else []
         if table == "drops":
             return self.graph.drop_table()
+        if table in ("services", "conntrack"):
+            nat = self._need_nat()
+            return nat.services.rows() if table == "services" else nat.ct.rows(now)
         if table in ("routes", "neigh", "interfaces"):
             if self.router is None:
                 raise KeyError(f"node {self.name} has no router (no `router:` in its config)")
@@ -203,6 +286,10 @@ class Node:
         if self.flows is not None:
             c = self.flows.counters()
             rows.append({"stage": "(flow-cache)", "packets": c.pop("hits"), "drops": {}, **c})
+        if self.nat is not None:
+            c = self.nat.ct.counters()
+            rows.append({"stage": "(conntrack)", "packets": c.pop("inserted"), "drops": {}, **c,
+                         "stale_udp_removed": self.nat.stale_udp_removed})
         return rows
 
     def fdb_flush(self, port: Optional[str] = None) -> int:
@@ -218,4 +305,4 @@ class Node:
         return self.bridge.fdb.delete(mac_bytes(mac))
 
 
-TABLES = ("ports", "fdb", "stats", "drops", "flows", "routes", "neigh", "interfaces")
+TABLES = ("ports", "fdb", "stats", "drops", "flows", "routes", "neigh", "interfaces", "services", "conntrack")

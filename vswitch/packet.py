@@ -79,6 +79,7 @@ class Packet:
         "trace", "note", "dry_run",
         # L3 decisions (router, nat, overlay stages fill these in)
         "l3", "ip", "iface", "route", "nh", "out_iface", "icmp",
+        "ct",  # the conntrack entry and direction (nat stages)
     )
 
     def __init__(self, buf, in_port=None, ts: float = 0.0, trace=None, dry_run: bool = False):
@@ -96,6 +97,7 @@ class Packet:
         self.dry_run = dry_run
         self.l3 = 0  # offset of the IP header in buf
         self.ip = self.iface = self.route = self.nh = self.out_iface = self.icmp = None
+        self.ct = None
 
     @classmethod
     def from_frame(cls, frame: bytes, in_port=None, ts: float = 0.0, vnet: bytes = ZERO_VNET, **kw) -> "Packet":

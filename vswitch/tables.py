@@ -51,8 +51,12 @@ def drops(rows: List[dict], node: str = "") -> str:
 
 def flows(rows: List[dict], node: str = "") -> str:
     """Like `ovs-appctl dpctl/dump-flows`: the key, hits, and the stages the flow replays."""
+    def l4(r):
+        name = {6: "tcp", 17: "udp"}.get(r["proto"])
+        return f",{name}(src={r['sport']},dst={r['dport']})" if "sport" in r else ""
     out = [f"in_port({r['in_port']}),eth(src={r['src_mac']},dst={r['dst_mac']}),"
-           f"ipv4(src={r['src']},dst={r['dst']}) packets:{r['hits']} stages:{','.join(r['stages'])}" for r in rows]
+           f"ipv4(src={r['src']},dst={r['dst']},proto={r['proto']}){l4(r)} packets:{r['hits']} "
+           f"stages:{','.join(r['stages'])}" for r in rows]
     return "\n".join(out) or "(no cached flows)"
 
 
@@ -77,8 +81,51 @@ def interfaces(rows: List[dict], node: str = "") -> str:
                           ("MAC", "mac"), ("MTU", "mtu"), ("ADDRESSES", lambda r: " ".join(r["addresses"]))])
 
 
+def services(rows: List[dict], node: str = "") -> str:
+    """Like `ipvsadm -Ln`: each virtual address, then its endpoints."""
+    out = []
+    for r in rows:
+        addrs = [a for a in [r["cluster_ip"]] + r["external"] if a]
+        if r["node_port"]:
+            addrs.append(f"<node>:{r['node_port']}")
+        aff = f" affinity ClientIP {r['affinity_timeout']}s" if r["affinity_timeout"] else ""
+        pol = "" if r["external_traffic_policy"] == "Cluster" and r["internal_traffic_policy"] == "Cluster" else \
+            f" etp {r['external_traffic_policy']} itp {r['internal_traffic_policy']}"
+        out.append(f"{r['protocol']}  {' '.join(addrs) or '-'}  {r['service']} ({r['type']}) {r['scheduler']}{aff}{pol}")
+        for e in r["endpoints"]:
+            state = "ready" if e["ready"] else ("terminating" if e["terminating"] else "not ready")
+            out.append(f"  -> {e['endpoint']:<22} {state}" + (f" node {e['node']}" if e["node"] else ""))
+        if not r["endpoints"]:
+            out.append("  (no endpoints: new connections get ICMP port unreachable)")
+    return "\n".join(out) or "(no Services)"
+
+
+def conntrack(rows: List[dict], node: str = "") -> str:
+    """Like `conntrack -L`: proto, timeout, state, orig and reply tuples, flags."""
+    def side(t):
+        if "id" in t:
+            return f"src={t['src']} dst={t['dst']} id={t['id']}"
+        return f"src={t['src']} dst={t['dst']} sport={t['sport']} dport={t['dport']}"
+    out = []
+    for r in rows:
+        num = {"tcp": 6, "udp": 17, "icmp": 1}.get(r["proto"], 0)
+        parts = [f"{r['proto']:<8}{num} {r['timeout']}"]
+        if r["state"]:
+            parts.append(r["state"])
+        parts.append(side(r["orig"]))
+        if "UNREPLIED" in r["flags"]:
+            parts.append("[UNREPLIED]")
+        parts.append(side(r["reply"]))
+        if "ASSURED" in r["flags"]:
+            parts.append("[ASSURED]")
+        if r["service"]:
+            parts.append(f"service={r['service']}")
+        out.append(" ".join(parts))
+    return "\n".join(out) + f"\nconntrack: {len(rows)} flow entries." if out else "conntrack: 0 flow entries."
+
+
 RENDER: Dict[str, Callable[..., str]] = {"fdb": fdb, "ports": ports, "stats": stats, "drops": drops,
-                                         "flows": flows, "routes": routes, "neigh": neigh, "interfaces": interfaces}
+                                         "flows": flows, "services": services, "conntrack": conntrack, "routes": routes, "neigh": neigh, "interfaces": interfaces}
 
 
 def render(table: str, rows, node: str = "vswitch", fmt: str = "table") -> str:
