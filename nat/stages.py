@@ -36,6 +36,7 @@ PORTS = struct.Struct("!HH")
 ICMP_ERRORS = (3, 4, 5, 11, 12)  # quote the packet that caused them
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 PORT_CLASSES = ((1, 511), (600, 1023), (1024, 65535))  # nf_nat_l4proto_unique_tuple
+INVALID = ("invalid",)  # pkt.ct of a packet conntrack found INVALID
 
 
 class Nat:
@@ -184,9 +185,7 @@ class NatPrerouting(NatStage):
 
     name = "nat-prerouting"
     next_names = ("ip4-route", "ip4-icmp-error")
-    drops = {"invalid": "conntrack INVALID (KUBE-FORWARD drops it): bad TCP flags for the state, "
-                        "a reply or error without a connection",
-             "l4-truncated": "TCP/UDP/ICMP header cut short",
+    drops = {"l4-truncated": "TCP/UDP/ICMP header cut short",
              "no-local-endpoint": "traffic policy Local and no endpoint on this node"}
 
     def on_bind(self, graph) -> None:
@@ -213,9 +212,9 @@ class NatPrerouting(NatStage):
                 pkt.note = ("existing", conn, d)
             else:
                 verdict = nat.track(conn, d, flags, now, h.total_len)
-                if verdict == "invalid" and self._forwarded(h):
+                if verdict == "invalid" and self._forwarded(pkt, h):
                     pkt.note = ("invalid", t, conn.state)
-                    return self.drop(pkt, "invalid")
+                    return self._invalid(pkt)
                 if verdict == "reopen":
                     conn = None
                 else:
@@ -231,8 +230,9 @@ class NatPrerouting(NatStage):
             rewrite_dst(buf, l3, h, tgt[3], tgt[4])
         return self.route
 
-    def _forwarded(self, h) -> bool:
-        return h.dst not in self.router.local
+    def _forwarded(self, pkt, h) -> bool:
+        """Forwarded (KUBE-FORWARD's business), not to or from the host stack, which tracks its own."""
+        return h.dst not in self.router.local and pkt.iface is not self.router.host
 
     def flow_step(self, pkt):
         n, ct = pkt.note, pkt.ct
@@ -252,19 +252,19 @@ class NatPrerouting(NatStage):
         nat, proto = self.nat, t[0]
         local = h.dst in self.router.local
         sp, how = nat.services.match(h.dst, proto, t[4], local) if proto != PROTO_ICMP else (None, "")
-        if sp is None and local:
-            pkt.note = ("untracked",)  # for the host stack, which tracks it itself
+        if sp is None and (local or pkt.iface is self.router.host):
+            pkt.note = ("untracked",)  # to or from the host stack, which tracks it itself
             return self.route
         if proto == PROTO_TCP:
             state = tcp.first_state(flags)
             if state == tcp.INVALID:
                 self.ct.invalid += 1
                 pkt.note = ("invalid", t, None)
-                return self.drop(pkt, "invalid")
+                return self._invalid(pkt)
         elif proto == PROTO_ICMP and flags != ICMP_ECHO_REQUEST:
             self.ct.invalid += 1
             pkt.note = ("invalid", t, None)
-            return self.drop(pkt, "invalid")
+            return self._invalid(pkt)
         conn = Conn(t, invert(t), now)
         why = None
         if sp is not None:
@@ -334,22 +334,22 @@ class NatPrerouting(NatStage):
         if conn is None:
             return self._unrelated(pkt, h)
         pkt.note = ("related", conn, d)
-        if conn.dnat or conn.snat:
-            q = conn.orig if d == REPLY else conn.reply  # what the quoted packet's sender saw
-            tgt = conn.target(d)
-            rewrite_quoted(buf, inner, q[1], q[2], q[3], q[4])
-            buf[l3 + 12:l3 + 16] = tgt[1].to_bytes(4, "big")
-            buf[l3 + 16:l3 + 20] = tgt[3].to_bytes(4, "big")
-            set_ip_checksum(buf, l3)
-            set_icmp_checksum(buf, l3 + h.hlen, end)
-            h.src, h.dst = tgt[1], tgt[3]
+        translate_error(buf, l3, conn, d)
+        h.src = int.from_bytes(buf[l3 + 12:l3 + 16], "big")
+        h.dst = int.from_bytes(buf[l3 + 16:l3 + 20], "big")
+        return self.route
+
+    def _invalid(self, pkt):
+        """INVALID goes on to routing: KUBE-FORWARD drops it after the route lookup and TTL check
+        (nat-postrouting), so an unroutable or expiring packet still gets its ICMP error first."""
+        pkt.ct = INVALID
         return self.route
 
     def _unrelated(self, pkt, h):
-        if self._forwarded(h):
+        if self._forwarded(pkt, h):
             self.ct.invalid += 1
             pkt.note = ("invalid", None, None)
-            return self.drop(pkt, "invalid")
+            return self._invalid(pkt)
         pkt.note = ("untracked",)
         return self.route
 
@@ -398,12 +398,70 @@ class NatPrerouting(NatStage):
         return ""
 
 
+def translate_error(buf, l3: int, conn: Conn, e: int) -> None:
+    """nf_nat_icmp_reply_translation for an ICMP error travelling in direction ``e`` of ``conn``.
+
+    The quoted header becomes the packet as its sender sent it; the outer
+    addresses get the manips that apply in that direction (a source rewrite
+    only if the connection's other side was translated, and so on), so an
+    error from a router on the way keeps its own source address.
+    """
+    if not (conn.dnat or conn.snat):
+        return
+    l4 = l3 + ((buf[l3] & 0x0F) << 2)
+    end = l3 + ((buf[l3 + 2] << 8) | buf[l3 + 3])
+    q = conn.orig if e == REPLY else conn.reply  # what the quoted packet's sender saw
+    rewrite_quoted(buf, l4 + 8, q[1], q[2], q[3], q[4])
+    tgt = conn.target(e)
+    src_manip = conn.dnat if e == REPLY else conn.snat
+    dst_manip = conn.snat if e == REPLY else conn.dnat
+    if src_manip:
+        buf[l3 + 12:l3 + 16] = tgt[1].to_bytes(4, "big")
+    if dst_manip:
+        buf[l3 + 16:l3 + 20] = tgt[3].to_bytes(4, "big")
+    set_ip_checksum(buf, l3)
+    set_icmp_checksum(buf, l4, end)
+
+
+class NatIcmpError(NatStage):
+    """An ICMP error the router made about a tracked packet is RELATED to its connection (nf_ct_attach):
+    translated back so the sender recognises its own packet (a masqueraded pod gets its error)."""
+
+    name = "nat-icmp-error"
+    next_names = ("ip4-output",)
+
+    def on_bind(self, graph) -> None:
+        self.output = graph.stages["ip4-output"]
+
+    def process(self, pkt):
+        ct, pkt.ct = pkt.ct, None
+        if ct is not None and ct is not INVALID:
+            conn, d, _ = ct
+            buf, l3 = pkt.buf, VNET_LEN + 14
+            e = REPLY if d == ORIGINAL else ORIGINAL
+            if e == REPLY and conn.masq:
+                # about a masqueraded packet: the kernel routes the error to its (local) post-NAT
+                # source and so takes that address as the error's source (saddr = daddr for local)
+                buf[l3 + 12:l3 + 16] = conn.reply[3].to_bytes(4, "big")
+            translate_error(buf, l3, conn, e)
+            pkt.note = conn
+        return self.output
+
+    def trace_record(self, pkt) -> dict:
+        return {"related": _fmt(pkt.note.orig)} if pkt.note is not None else {}
+
+    def format_trace(self, rec: dict) -> str:
+        return f"related to {rec['related']}: translated back" if rec else "not about a tracked packet"
+
+
 class NatPostrouting(NatStage):
     """Confirms new entries, masquerades (kube-proxy's mark, flannel's ip-masq), un-DNATs replies."""
 
     name = "nat-postrouting"
     next_names = ("ip4-rewrite",)
-    drops = {"conntrack-full": "conntrack table full: new connection refused",
+    drops = {"invalid": "conntrack INVALID, dropped as KUBE-FORWARD does: bad TCP flags for the state, "
+                        "a reply or ICMP error without a connection",
+             "conntrack-full": "conntrack table full: new connection refused",
              "conntrack-clash": "another connection took this reply tuple",
              "no-masq-port": "no free source port to masquerade to"}
 
@@ -414,6 +472,8 @@ class NatPostrouting(NatStage):
         ct = pkt.ct
         if ct is None:
             return self.rewrite
+        if ct is INVALID:
+            return self.drop(pkt, "invalid")
         conn, d, new = ct
         h, buf, l3 = pkt.ip, pkt.buf, pkt.l3
         nat = self.nat
@@ -449,7 +509,7 @@ class NatPostrouting(NatStage):
 
     def flow_step(self, pkt):
         ct = pkt.ct
-        if ct is None:
+        if ct is None or ct is INVALID:
             return None
         conn, d, new = ct
         if new:

@@ -621,17 +621,21 @@ class Ip4Rewrite(RouterStage):
 
 
 class Ip4IcmpError(RouterStage):
-    """Turns the packet into the ICMP error about it (__icmp_send), then routes the error."""
+    """Turns the packet into the ICMP error about it (__icmp_send), then routes the error
+    (through a hook stage first when one is wired: nat translates errors about NATed packets)."""
 
     name = "ip4-icmp-error"
-    next_names = ("ip4-output",)
     drops = {r: f"no ICMP error: {text}" for r, text in SUPPRESS_REASONS} | {
         "rate-limited": "ICMP error suppressed by the rate limit",
         "no-source": "no route back to the sender to pick a source address",
     }
 
+    def __init__(self, router: Router, io: RouterIO, after: str = "ip4-output") -> None:
+        super().__init__(router, io)
+        self.next_names = (after,)
+
     def on_bind(self, graph) -> None:
-        self.output = graph.stages["ip4-output"]
+        self.output = graph.stages[self.next_names[0]]
 
     def process(self, pkt):
         type_, code, arg, route_error = pkt.icmp
@@ -676,7 +680,7 @@ ROUTER_STAGES = (L3Input, ArpInput, Ip4Input, Ip4Route, Ip4Local, Ip4Lookup, Ip4
 
 
 def add_router_stages(graph, router: Router, prerouting: str = "ip4-route",
-                      postrouting: str = "ip4-rewrite") -> RouterIO:
+                      postrouting: str = "ip4-rewrite", icmp_out: str = "ip4-output") -> RouterIO:
     """Add the router's stages to a node graph (before Graph.build).
 
     ``prerouting``/``postrouting`` name the stages that take a packet after
@@ -689,6 +693,8 @@ def add_router_stages(graph, router: Router, prerouting: str = "ip4-route",
             graph.add(cls(router, io, after=prerouting))
         elif cls is Ip4Forward:
             graph.add(cls(router, io, after=postrouting))
+        elif cls is Ip4IcmpError:
+            graph.add(cls(router, io, after=icmp_out))
         else:
             graph.add(cls(router, io))
     return io

@@ -54,7 +54,8 @@ class Node:
         from router.stages import add_router_stages
 
         self.router = Router(self.clock)
-        hooks = {"prerouting": "nat-prerouting", "postrouting": "nat-postrouting"} if self.cfg.nat else {}
+        hooks = {"prerouting": "nat-prerouting", "postrouting": "nat-postrouting",
+                 "icmp_out": "nat-icmp-error"} if self.cfg.nat else {}
         self.router_io = add_router_stages(self.graph, self.router, **hooks)
         for spec in rcfg["interfaces"]:
             iface = Interface(spec["name"], spec["mac"] or stable_mac(self.name, spec["name"]), spec["addresses"],
@@ -73,14 +74,14 @@ class Node:
     def _build_nat(self, ncfg: dict) -> None:
         """Conntrack, Services and their stages; manifests listed in the config are loaded here."""
         from nat.manifests import ManifestError, load_file
-        from nat.stages import Nat, NatBridge, NatPostrouting, NatPrerouting
+        from nat.stages import Nat, NatBridge, NatIcmpError, NatPostrouting, NatPrerouting
 
         self.nat = Nat(self.router, self.clock, node=self.name, cluster_cidr=ncfg["cluster_cidr"],
                        masquerade=ncfg["masquerade"], scheduler=ncfg["scheduler"],
                        max_entries=ncfg["conntrack_max"], profile=ncfg["profile"])
         self.node_port_range = ncfg["node_port_range"]
         for stage in (NatPrerouting(self.nat, self.router_io), NatPostrouting(self.nat, self.router_io),
-                      NatBridge(self.nat, self.bridge)):
+                      NatIcmpError(self.nat, self.router_io), NatBridge(self.nat, self.bridge)):
             self.graph.add(stage)
         for i, path in enumerate(ncfg["manifests"]):
             try:

@@ -125,6 +125,7 @@ def _build(topo: Topology, st: dict, log) -> None:
         st["externals"][e.name] = {"address": str(e.address), "mac": _link_mac(e.name, "eth0")}
     for pod in topo.pods:
         _add_netns(st, pod.name)
+    services_file = _write_services(topo)
     for node in topo.nodes:
         pods = [p for p in topo.pods if p.node == node.name]
         routes = [f"{o.pod_cidr} via {o.address.ip}" for o in topo.nodes
@@ -133,7 +134,8 @@ def _build(topo: Topology, st: dict, log) -> None:
                 "gateway": str(node.gateway), "pid": None, "socket": None}
         st["nodes"][node.name] = info
         if node.dataplane == "vswitch":
-            _start_vswitch(node, pods, info, st, uports[node.name], topo.underlay_mtu, routes)
+            _start_vswitch(node, pods, info, st, uports[node.name], topo.underlay_mtu, routes,
+                           {"clusterCIDR": str(topo.pod_cidr), "manifests": [services_file]})
             ip("link", "set", uports[node.name], "master", "br0", "up", netns=UNDERLAY)
             _configure_host_port(node)
         else:
@@ -157,7 +159,35 @@ def _tap_name(pod: str, i: int) -> str:
     return name if len(name) <= 15 else f"tap{i}"
 
 
-def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: int, routes: list) -> None:
+def _write_services(topo) -> str:
+    """The topology's manifests plus the EndpointSlices derived from its pods, as the endpoints
+    controller would write them: what every vswitch node's kube-proxy part loads."""
+    from nat.manifests import derive_slices
+    path = os.path.join(LAB_DIR, "services.yaml")
+    services = [s for _, _, m in topo.manifests for s in m.services]
+    pods = [{"name": p.name, "namespace": p.namespace, "labels": p.labels, "ip": str(p.ip.ip), "node": p.node}
+            for p in topo.pods]
+    docs = [slice_manifest(s) for s in derive_slices(services, pods)]
+    with open(path, "w") as f:
+        for _, text, _ in topo.manifests:
+            f.write(text.rstrip("\n") + "\n---\n")
+        yaml.safe_dump_all(docs, f, sort_keys=False)
+    return path
+
+
+def slice_manifest(sl) -> dict:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": sl.name, "namespace": sl.namespace,
+                         "labels": {"kubernetes.io/service-name": sl.service}},
+            "addressType": "IPv4",
+            "ports": [{"name": n, "protocol": proto, "port": port} for n, proto, port in sl.ports],
+            "endpoints": [{"addresses": list(e.addresses), "nodeName": e.node_name,
+                           "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating}}
+                          for e in sl.endpoints]}
+
+
+def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: int, routes: list,
+                   nat: dict) -> None:
     """Config and daemon of a vswitch node.
 
     Its uplink is a TAP the daemon moves into the underlay namespace (so the
@@ -184,6 +214,7 @@ def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: i
             ],
             "routes": routes,
         },
+        "nat": nat,
         "control": {"socket": sock},
     }
     with open(cfg_path, "w") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -12,9 +13,7 @@ from ..config import ConfigError, _int, _join, _keys, _name, load_yaml
 RESERVED = {"underlay", "uplink", "host"}  # the underlay namespace; port names of every vswitch node
 DATAPLANES = ("vswitch", "kernel")
 BACKENDS = ("vxlan", "host-gw")
-LATER = {
-    "manifests": "Services and EndpointSlices arrive with the nat issue",
-}
+LATER: Dict[str, str] = {}
 LABEL_MAX = 63
 
 
@@ -56,6 +55,7 @@ class Topology:
     nodes: List[NodeSpec]
     pods: List[PodSpec]
     externals: List[ExternalSpec]
+    manifests: List[tuple] = field(default_factory=list)  # (path, YAML text, nat.manifests.Manifests)
 
     def node(self, name: str) -> NodeSpec:
         return next(n for n in self.nodes if n.name == name)
@@ -84,8 +84,8 @@ def _list(doc: dict, key: str) -> list:
     return v
 
 
-def parse(doc: Any) -> Topology:
-    _keys(doc, "", {"name", "cluster", "nodes", "pods", "externals"}, {"name", "nodes"}, later=LATER)
+def parse(doc: Any, base_dir: str = ".") -> Topology:
+    _keys(doc, "", {"name", "cluster", "nodes", "pods", "externals", "manifests"}, {"name", "nodes"}, later=LATER)
     name = _name(doc["name"], "name", what="a lab name")
     cluster = _keys(doc.get("cluster", {}) or {}, "cluster", {"podCIDR", "serviceCIDR", "backend", "underlayMTU"})
     underlay_mtu = _int(cluster.get("underlayMTU", 1500), "cluster.underlayMTU", 576, 9000)
@@ -172,7 +172,33 @@ def parse(doc: Any) -> Topology:
         pods.append(spec)
     topo = Topology(name, pod_cidr, service_cidr, backend, underlay_mtu, nodes, pods, externals)
     assign_addresses(topo)
+    topo.manifests = _manifests(doc.get("manifests", []) or [], base_dir, service_cidr)
     return topo
+
+
+def _manifests(files: Any, base_dir: str, service_cidr) -> List[tuple]:
+    """Service/EndpointSlice files (relative to the topology file), validated now, whole."""
+    from nat.manifests import ManifestError, load_text
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise ConfigError("manifests", "must be a list of file paths")
+    out = []
+    for i, f in enumerate(files):
+        path = f if os.path.isabs(f) else os.path.join(base_dir, f)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+            m = load_text(text, path)
+        except OSError as e:
+            raise ConfigError(f"manifests[{i}]", f"cannot read {path}: {e.strerror}") from None
+        except ManifestError as e:
+            raise ConfigError(f"manifests[{i}]", str(e)) from None
+        for svc in m.services:
+            for vip in svc.cluster_ips:
+                if ipaddress.IPv4Address(vip) not in service_cidr:
+                    raise ConfigError(f"manifests[{i}]", f"Service {svc.namespace}/{svc.name}: spec.clusterIP: "
+                                                         f"{vip} is not in cluster.serviceCIDR {service_cidr}")
+        out.append((path, text, m))
+    return out
 
 
 def _check_underlay(addr, underlay, path, taken) -> ipaddress.IPv4Network:
@@ -199,5 +225,5 @@ def assign_addresses(topo: Topology) -> None:
 
 
 def load(path: str) -> Topology:
-    return parse(load_yaml(path, "topology"))
+    return parse(load_yaml(path, "topology"), os.path.dirname(os.path.abspath(path)))
 
