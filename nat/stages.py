@@ -560,9 +560,11 @@ class NatBridge(Stage):
     def process(self, pkt):
         buf = pkt.buf
         pkt.note = None
-        if not self.ct.count or buf[VNET_LEN + 12] != 0x08 or buf[VNET_LEN + 13] != 0x00 or \
-                bytes(buf[ETH_DST:ETH_DST + 6]) in self.bridge.local:
-            return self.fwd  # not IPv4, or for the router (which tracks it itself)
+        if bytes(buf[ETH_DST:ETH_DST + 6]) in self.bridge.local:
+            pkt.note = "router"  # the router tracks it itself
+            return self.fwd
+        if not self.ct.count or buf[VNET_LEN + 12] != 0x08 or buf[VNET_LEN + 13] != 0x00:
+            return self.fwd
         l3 = VNET_LEN + 14
         h = parse_ipv4(buf, l3)
         if h.reason:
@@ -585,6 +587,8 @@ class NatBridge(Stage):
         return self.fwd
 
     def flow_step(self, pkt):
+        if pkt.note == "router":
+            return FLOW_NOOP  # the key's destination MAC fixes this
         if pkt.note is None:
             return _no_conn_guard(self.ct)
         conn, d = pkt.note
@@ -598,6 +602,8 @@ class NatBridge(Stage):
         return established_step(conn, d, rewrite)
 
     def trace_record(self, pkt) -> dict:
+        if pkt.note == "router":
+            return {"tracked": False, "router": True}
         if pkt.note is None:
             return {"tracked": False}
         conn, d = pkt.note
@@ -605,6 +611,8 @@ class NatBridge(Stage):
                 "direction": "original" if d == ORIGINAL else "reply"}
 
     def format_trace(self, rec: dict) -> str:
+        if rec.get("router"):
+            return "to the router, which tracks it"
         if not rec["tracked"]:
             return "no conntrack entry: bridged as is"
         return f"ct {rec['direction']} of {rec['orig']}: source restored to the Service address"
@@ -615,22 +623,26 @@ L3 = VNET_LEN + 14
 
 
 def established_step(conn: Conn, d: int, rewrite=None):
-    """Replay for a packet of an established connection (TCP ESTABLISHED and ASSURED, or an assured UDP
-    stream): what Nat.track does then is refresh a fixed timeout and count; or None if not that case."""
+    """Replay for a packet whose conntrack update is a plain refresh by a fixed timeout: TCP
+    ESTABLISHED and ASSURED, an assured UDP stream, or a UDP flow still unreplied (its original
+    direction); None otherwise (the state table decides per packet)."""
     proto = conn.orig[0]
-    if conn.dead or not conn.assured or not conn.seen_reply:
+    if conn.dead:
         return None
     if proto == PROTO_TCP:
-        if conn.state != tcp.ESTABLISHED:
+        if conn.state != tcp.ESTABLISHED or not conn.assured or not conn.seen_reply:
             return None
-    elif proto != PROTO_UDP:
+    elif proto == PROTO_UDP:
+        if conn.seen_reply and not conn.assured or not conn.seen_reply and d != ORIGINAL:
+            return None
+    else:
         return None
     timeout, l4 = conn.timeout, L3 + 20  # flows are cached for 20-byte IP headers only
     packets, nbytes = conn.packets, conn.bytes
-    is_tcp = proto == PROTO_TCP
+    is_tcp, replied = proto == PROTO_TCP, conn.seen_reply
 
     def established(buf, ts):
-        if conn.dead or conn.expires <= ts:
+        if conn.dead or conn.expires <= ts or conn.seen_reply != replied:
             return False
         # ACK without SYN/FIN/RST keeps ESTABLISHED; anything else goes through the state table
         return not is_tcp or (buf[l4 + 13] & 0x17) == 0x10 and conn.state == tcp.ESTABLISHED

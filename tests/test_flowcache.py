@@ -43,11 +43,30 @@ def make_node(flow_cache: int, clock: Clock) -> Node:
                  "router": {"interfaces": [{"name": "pods", "address": "10.244.1.1/24"},
                                            {"name": "uplink", "port": "up", "address": "192.168.1.11/24",
                                             "mtu": 1400}],
-                            "routes": ["10.244.2.0/24 via 192.168.1.12"]}})
+                            "routes": ["10.244.2.0/24 via 192.168.1.12"]},
+                 "nat": {"clusterCIDR": "10.244.0.0/16"}})
     node = Node(cfg, clock=clock)
     node.router.neigh.rng = random.Random(7)  # reachable_time is randomised: the same draws on both
+    node.nat.rng.seed(7)  # endpoint choice and masquerade ports too
     node.start(None)
+    node.apply_manifests(SERVICE)
     return node
+
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080, protocol: TCP, name: t},
+                                      {port: 53, targetPort: 5353, protocol: UDP, name: u}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: t, port: 8080, protocol: TCP}, {name: u, port: 5353, protocol: UDP}]
+endpoints: [{addresses: [10.244.1.6]}, {addresses: [10.244.2.7]}]
+"""
 
 
 def gso_vnet(gso_size: int) -> bytes:
@@ -90,7 +109,7 @@ class Pair:
         stats = [r for r in node.show("stats") if r["stage"] != "(flow-cache)"]
         ports = [{k: v for k, v in r.items()} for r in node.show("ports")]
         return {"stats": stats, "drops": node.show("drops"), "ports": ports, "fdb": node.show("fdb"),
-                "neigh": node.show("neigh"), "routes": node.show("routes")}
+                "neigh": node.show("neigh"), "routes": node.show("routes"), "conntrack": node.show("conntrack")}
 
     def check_tables(self) -> None:
         assert self.tables(self.fast) == self.tables(self.slow)
@@ -153,7 +172,23 @@ def ev_route_change(p: Pair) -> None:
     p.both(swap)
 
 
+def ev_svc(p: Pair, flags: str, proto: str) -> None:
+    l4 = TCP(sport=4000, dport=80, flags=flags) if proto == "tcp" else UDP(sport=4000, dport=53)
+    p.inject("a", Ether(src=POD_A, dst=p.rmac) / IP(src=A_IP, dst="10.96.0.10") / l4 / b"q")
+
+
+def ev_svc_reply(p: Pair, flags: str, proto: str, remote: bool) -> None:
+    l4 = TCP(sport=8080, dport=4000, flags=flags) if proto == "tcp" else UDP(sport=5353, dport=4000)
+    if remote:
+        p.inject("up", Ether(src=GW, dst=p.umac) / IP(src=REMOTE, dst=A_IP) / l4 / b"r")
+    else:
+        p.inject("b", Ether(src=POD_B, dst=POD_A) / IP(src=B_IP, dst=A_IP) / l4 / b"r")
+
+
 EVENTS = st.one_of(
+    st.builds(lambda f, pr: ("svc", f, pr), st.sampled_from(["S", "A", "PA", "FA", "R"]), st.sampled_from(["tcp", "udp"])),
+    st.builds(lambda f, pr, r: ("svcreply", f, pr, r), st.sampled_from(["SA", "A", "FA"]),
+              st.sampled_from(["tcp", "udp"]), st.booleans()),
     st.builds(lambda size, ttl, df: ("remote", size, ttl, df), st.sampled_from([10, 1300, 1500]),
               st.sampled_from([1, 2, 64]), st.booleans()),
     st.builds(lambda size, ttl: ("back", size, ttl), st.sampled_from([10, 1500]), st.sampled_from([1, 64])),
@@ -169,7 +204,11 @@ EVENTS = st.one_of(
 
 def run_event(p: Pair, ev: tuple) -> None:
     kind = ev[0]
-    if kind == "remote":
+    if kind == "svc":
+        ev_svc(p, ev[1], ev[2])
+    elif kind == "svcreply":
+        ev_svc_reply(p, ev[1], ev[2], ev[3])
+    elif kind == "remote":
         ev_pod_to_remote(p, ev[1], ev[2], ev[3])
     elif kind == "back":
         ev_remote_to_pod(p, ev[1], ev[2])
@@ -219,6 +258,9 @@ def test_established_flows_hit_the_cache():
     ev_gw_reply(p, GW)
     ev_pod_arp(p)
     ev_from_b(p)  # learns pod b, so a -> b is a unicast, not a flood
+    ev_pod_to_remote(p, 10, 64, False)
+    ev_remote_to_pod(p, 10, 64)  # the UDP conntrack entry has seen its reply ...
+    p.advance(3)  # ... and lived 2 s: an assured stream, which the cache may replay
     for _ in range(10):
         ev_pod_to_remote(p, 10, 64, False)
         ev_remote_to_pod(p, 10, 64)
@@ -226,10 +268,10 @@ def test_established_flows_hit_the_cache():
     flows = p.fast.flows
     assert flows.hits >= 27  # all but the first frame of each of the three flows
     rows = p.fast.show("flows")
-    assert {r["in_port"] for r in rows} == {"a", "b", "up"}
+    assert {r["in_port"] for r in rows} == {"a", "up"}  # b sent one frame: a new connection is never cached
     routed = next(r for r in rows if r["in_port"] == "up")
-    assert routed["stages"] == ["l3-input", "ip4-input", "ip4-route", "ip4-lookup", "ip4-forward", "ip4-rewrite",
-                                "l2-forward", "port-tx"]
+    assert routed["stages"] == ["l3-input", "ip4-input", "nat-prerouting", "ip4-route", "ip4-lookup", "ip4-forward",
+                                "nat-postrouting", "ip4-rewrite", "l2-forward", "port-tx"]
     p.check_tables()  # hits are credited to every stage they skipped
 
 
@@ -287,3 +329,43 @@ def test_flow_cache_off_and_bad_size():
     assert Node(parse({"name": "n", "flow_cache": 0})).flows is None
     with pytest.raises(ConfigError, match="flow_cache"):
         parse({"name": "n", "flow_cache": -1})
+
+
+def test_service_tcp_connection_is_cached_only_while_established():
+    """Handshake, cached ACKs, then a FIN must go through the state table (FIN_WAIT), as uncached."""
+    p = Pair()
+    ev_pod_arp(p)
+    ev_from_b(p)
+    ev_gw_reply(p, GW)
+    ev_svc(p, "S", "tcp")
+    remote = p.fast.show("conntrack")[-1]["reply"]["src"] == REMOTE
+    ev_svc_reply(p, "SA", "tcp", remote)
+    for _ in range(4):
+        ev_svc(p, "A", "tcp")
+        ev_svc_reply(p, "A", "tcp", remote)
+    hits = p.fast.flows.hits
+    assert hits >= 4
+    ev_svc(p, "FA", "tcp")
+    assert p.fast.flows.hits == hits
+    states = [r["state"] for r in p.fast.show("conntrack") if r["orig"]["dst"] == "10.96.0.10"]
+    assert states == ["FIN_WAIT"]
+    p.check_tables()
+
+
+def test_unreplied_udp_flow_is_not_replayed_after_its_reply():
+    """An unreplied UDP flow is cached with the 30 s timeout; once the reply comes, the next
+    datagram must refresh by the slow path's rule, not the cached 30 s."""
+    p = Pair()
+    ev_pod_arp(p)
+    ev_from_b(p)
+    ev_gw_reply(p, GW)
+    for _ in range(3):
+        ev_svc(p, "", "udp")
+    assert p.fast.flows.hits >= 1
+    remote = [r for r in p.fast.show("conntrack") if r["proto"] == "udp" and r["orig"]["dst"] == "10.96.0.10"][0]
+    ev_svc_reply(p, "", "udp", remote["reply"]["src"] == REMOTE)
+    p.advance(3)
+    ev_svc(p, "", "udp")
+    p.check_tables()  # timeouts included: 120 s assured stream on both
+    row = [r for r in p.fast.show("conntrack") if r["proto"] == "udp" and r["orig"]["dst"] == "10.96.0.10"][0]
+    assert row["timeout"] == 120 and "ASSURED" in row["flags"]
