@@ -633,16 +633,19 @@ def established_step(conn: Conn, d: int, rewrite=None):
         if conn.state != tcp.ESTABLISHED or not conn.assured or not conn.seen_reply:
             return None
     elif proto == PROTO_UDP:
-        if conn.seen_reply and not conn.assured or not conn.seen_reply and d != ORIGINAL:
-            return None
+        if not conn.seen_reply and d != ORIGINAL:
+            return None  # the first reply changes the entry
     else:
         return None
     timeout, l4 = conn.timeout, L3 + 20  # flows are cached for 20-byte IP headers only
     packets, nbytes = conn.packets, conn.bytes
     is_tcp, replied = proto == PROTO_TCP, conn.seen_reply
+    # a replied UDP flow becomes an assured stream once older than UDP_STREAM_AGE: until then it
+    # keeps the short timeout, and the first packet after that goes through the slow path
+    young, created, age = proto == PROTO_UDP and replied and not conn.assured, conn.created, tcp.UDP_STREAM_AGE
 
     def established(buf, ts):
-        if conn.dead or conn.expires <= ts or conn.seen_reply != replied:
+        if conn.dead or conn.expires <= ts or conn.seen_reply != replied or young and ts - created > age:
             return False
         # ACK without SYN/FIN/RST keeps ESTABLISHED; anything else goes through the state table
         return not is_tcp or (buf[l4 + 13] & 0x17) == 0x10 and conn.state == tcp.ESTABLISHED
