@@ -134,7 +134,9 @@ class ServiceTable:
             before = old.get(p.key)
             if before is not None:
                 p.scheduler = before.scheduler if before.scheduler.name == p.scheduler.name else p.scheduler
-                p.affinity = {c: v for c, v in before.affinity.items() if v[0] in p.usable}
+                live = {(b.ip, b.port): b for b in p.usable}  # Backends are rebuilt: match by address
+                p.affinity = {c: (live[(v[0].ip, v[0].port)], v[1]) for c, v in before.affinity.items()
+                              if (v[0].ip, v[0].port) in live}
                 lost = {(b.ip, b.port) for b in before.usable} - {(b.ip, b.port) for b in p.usable}
                 if lost:
                     gone.append((before, lost))

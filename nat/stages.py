@@ -110,13 +110,16 @@ class Nat:
     def masq_port(self, proto: int, src: int, sport: int, dst: int, dport: int) -> Optional[int]:
         """The source port after masquerading to ``src``: the original if free, else a free one of its class."""
         table = self.ct.table
-        if (proto, dst, dport, src, sport) not in table:
+
+        def free(p: int) -> bool:  # the reply tuple this port would give (ICMP: the echo id both ways)
+            return ((proto, dst, p, src, p) if proto == PROTO_ICMP else (proto, dst, dport, src, p)) not in table
+        if free(sport):
             return sport
         lo, hi = (0, 65535) if proto == PROTO_ICMP else \
             next(((a, b) for a, b in PORT_CLASSES if a <= sport <= b), (1024, 65535))
         for _ in range(128):  # random probes, as nf_nat_l4proto_unique_tuple's bounded attempts
             p = self.rng.randint(lo, hi)
-            if (proto, dst, dport, src, p) not in table:
+            if free(p):
                 return p
         return None
 
@@ -151,8 +154,8 @@ def l4_tuple(buf, l3: int, h):
 def rewrite_dst(buf, l3: int, h, ip: int, port: int) -> None:
     partial = bool(buf[0] & 1)
     set_addr(buf, l3, IP_DST, ip, partial)
-    if h.proto in (PROTO_TCP, PROTO_UDP):
-        set_port(buf, l3, False, port, partial)
+    if h.proto in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
+        set_port(buf, l3, False, port, partial)  # ICMP: the echo id (un-masquerading a reply)
     h.dst = ip
 
 
@@ -439,10 +442,11 @@ class NatIcmpError(NatStage):
             conn, d, _ = ct
             buf, l3 = pkt.buf, VNET_LEN + 14
             e = REPLY if d == ORIGINAL else ORIGINAL
-            if e == REPLY and conn.masq:
-                # about a masqueraded packet: the kernel routes the error to its (local) post-NAT
-                # source and so takes that address as the error's source (saddr = daddr for local)
-                buf[l3 + 12:l3 + 16] = conn.reply[3].to_bytes(4, "big")
+            quoted_src = bytes(buf[l3 + 20 + 8 + 12:l3 + 20 + 8 + 16])
+            if e == REPLY and conn.masq and quoted_src == conn.reply[3].to_bytes(4, "big"):
+                # about a packet already masqueraded (a failed neighbour, after SNAT): the kernel
+                # routes the error to that local source and takes it as the error's source too
+                buf[l3 + 12:l3 + 16] = quoted_src
             translate_error(buf, l3, conn, e)
             pkt.note = conn
         return self.output
@@ -486,8 +490,17 @@ class NatPostrouting(NatStage):
                 port = nat.masq_port(conn.orig[0], src, conn.orig[2], conn.reply[1], conn.reply[2])
                 if port is None:
                     return self.drop(pkt, "no-masq-port")
-                conn.reply = (conn.reply[0], conn.reply[1], conn.reply[2], src, port)
+                r = conn.reply
+                conn.reply = (r[0], r[1], port, src, port) if r[0] == PROTO_ICMP else (r[0], r[1], r[2], src, port)
                 conn.masq = True
+            elif conn.reply in self.ct.table:
+                # another connection already expects this reply: a null binding moves our source
+                # port instead (nf_nat_alloc_null_binding -> nf_nat_l4proto_unique_tuple)
+                r = conn.reply
+                port = nat.masq_port(r[0], r[3], r[4], r[1], r[2])
+                if port is None:
+                    return self.drop(pkt, "no-masq-port")
+                conn.reply = (r[0], r[1], port, r[3], port) if r[0] == PROTO_ICMP else (r[0], r[1], r[2], r[3], port)
             pkt.note = ("confirm", conn)
             if not pkt.dry_run:
                 err = self.ct.add(conn)
