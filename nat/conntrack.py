@@ -69,6 +69,20 @@ class Conn:
         """What a packet of this direction must look like after NAT: the other direction inverted."""
         return invert(self.reply if direction == ORIGINAL else self.orig)
 
+    def dst_rewrite(self, d: int):
+        """(ip, port) a packet of direction ``d`` gets as destination before routing, or None."""
+        if self.dnat if d == ORIGINAL else self.snat:
+            t = self.target(d)
+            return t[3], t[4]
+        return None
+
+    def src_rewrite(self, d: int):
+        """(ip, port) a packet of direction ``d`` gets as source after routing, or None."""
+        if self.snat if d == ORIGINAL else self.dnat:
+            t = self.target(d)
+            return t[1], t[2]
+        return None
+
     def refresh(self, now: float, timeout: float) -> None:
         self.timeout = timeout
         self.expires = now + timeout

@@ -225,12 +225,9 @@ class NatPrerouting(NatStage):
         if conn is None:
             return self._new(pkt, h, buf, l3, t, flags, now)
         pkt.ct = (conn, d, False)
-        if d == ORIGINAL and conn.dnat:
-            tgt = conn.target(ORIGINAL)
-            rewrite_dst(buf, l3, h, tgt[3], tgt[4])
-        elif d == REPLY and conn.snat:
-            tgt = conn.target(REPLY)
-            rewrite_dst(buf, l3, h, tgt[3], tgt[4])
+        to = conn.dst_rewrite(d)
+        if to is not None:
+            rewrite_dst(buf, l3, h, *to)
         return self.route
 
     def _forwarded(self, pkt, h) -> bool:
@@ -242,14 +239,8 @@ class NatPrerouting(NatStage):
         if not n or n[0] != "existing" or ct is None or pkt.ip.hlen != 20 or pkt.l3 != L3:
             return None  # new connections, errors, untracked: per-packet decisions
         conn, d, _ = ct
-        rewrite = None
-        if d == ORIGINAL and conn.dnat:
-            tgt = conn.target(ORIGINAL)
-            rewrite = dst_rewriter(tgt[3], tgt[4])
-        elif d == REPLY and conn.snat:
-            tgt = conn.target(REPLY)
-            rewrite = dst_rewriter(tgt[3], tgt[4])
-        return established_step(conn, d, rewrite)
+        to = conn.dst_rewrite(d)
+        return established_step(conn, d, dst_rewriter(*to) if to else None)
 
     def _new(self, pkt, h, buf, l3, t, flags, now):
         nat, proto = self.nat, t[0]
@@ -506,18 +497,11 @@ class NatPostrouting(NatStage):
                 err = self.ct.add(conn)
                 if err:
                     return self.drop(pkt, f"conntrack-{err}")
-            if conn.snat:
-                tgt = conn.target(ORIGINAL)
-                rewrite_src(buf, l3, h, tgt[1], tgt[2])
-            return self.rewrite
-        if d == ORIGINAL and conn.snat:
-            tgt = conn.target(ORIGINAL)
-            rewrite_src(buf, l3, h, tgt[1], tgt[2])
-            pkt.note = ("snat", conn)
-        elif d == REPLY and conn.dnat:
-            tgt = conn.target(REPLY)
-            rewrite_src(buf, l3, h, tgt[1], tgt[2])
-            pkt.note = ("undnat", conn)
+        to = conn.src_rewrite(d)
+        if to is not None:
+            rewrite_src(buf, l3, h, *to)
+            if not new:
+                pkt.note = ("snat" if d == ORIGINAL else "undnat", conn)
         return self.rewrite
 
     def flow_step(self, pkt):
@@ -527,13 +511,10 @@ class NatPostrouting(NatStage):
         conn, d, new = ct
         if new:
             return None
-        if d == ORIGINAL and conn.snat:
-            tgt = conn.target(ORIGINAL)
-        elif d == REPLY and conn.dnat:
-            tgt = conn.target(REPLY)
-        else:
+        to = conn.src_rewrite(d)
+        if to is None:
             return FLOW_NOOP
-        rewrite = src_rewriter(tgt[1], tgt[2])
+        rewrite = src_rewriter(*to)
         return None, lambda buf, ts: rewrite(buf)
 
     def trace_record(self, pkt) -> dict:
@@ -591,12 +572,9 @@ class NatBridge(Stage):
         if not pkt.dry_run and self.nat.track(conn, d, flags, pkt.ts, h.total_len) == "invalid":
             return self.drop(pkt, "invalid")
         pkt.note = (conn, d)
-        if d == REPLY and conn.dnat:
-            tgt = conn.target(REPLY)
-            rewrite_src(buf, l3, h, tgt[1], tgt[2])
-        elif d == ORIGINAL and conn.snat:
-            tgt = conn.target(ORIGINAL)
-            rewrite_src(buf, l3, h, tgt[1], tgt[2])
+        to = conn.src_rewrite(d)
+        if to is not None:
+            rewrite_src(buf, l3, h, *to)
         return self.fwd
 
     def flow_step(self, pkt):
@@ -605,14 +583,8 @@ class NatBridge(Stage):
         if pkt.note is None:
             return _no_conn_guard(self.ct)
         conn, d = pkt.note
-        rewrite = None
-        if d == REPLY and conn.dnat:
-            tgt = conn.target(REPLY)
-            rewrite = src_rewriter(tgt[1], tgt[2])
-        elif d == ORIGINAL and conn.snat:
-            tgt = conn.target(ORIGINAL)
-            rewrite = src_rewriter(tgt[1], tgt[2])
-        return established_step(conn, d, rewrite)
+        to = conn.src_rewrite(d)
+        return established_step(conn, d, src_rewriter(*to) if to else None)
 
     def trace_record(self, pkt) -> dict:
         if pkt.note == "router":
