@@ -1264,6 +1264,23 @@ def test_reply_tuple_clash_remaps_the_source_port_instead_of_dropping(rig):
     assert f[TCP].sport != 46000 and 1024 <= f[TCP].sport <= 65535
 
 
+def test_dry_run_trace_predicts_the_endpoint_without_side_effects():
+    traced, plain = Rig(), Rig()
+    frame = bytes(Ether(src=P1, dst=traced.rmac) / syn(POD1, VIP_STICKY, 20000, 80))
+    for _ in range(3):
+        pkt = traced.n.trace("p1", frame)
+    rec = next(t["record"] for t in pkt.trace if t["stage"] == "nat-prerouting")
+    assert (rec["ct"], rec["service"], rec["matched"]) == ("new", "default/sticky", "clusterIP")
+    assert traced.n.show("conntrack") == [] and not any(traced.raw_all().values())
+    # no scheduler draw, no affinity left behind: the traced node goes on exactly as an untraced twin
+    for rig in (traced, plain):
+        rig.from_pod("p1", syn(POD1, VIP_STICKY, 20000, 80))
+        for i in range(20):
+            rig.from_pod("p1", syn(POD1, VIP, 21000 + i, 80))
+    assert traced.conn(sport=20000)["endpoint"] == rec["endpoint"] == plain.conn(sport=20000)["endpoint"]
+    assert chosen(traced, dst=VIP) == chosen(plain, dst=VIP)
+
+
 # --- the flow cache replays NAT exactly as the slow path decides --------------------------------------------
 
 def _scen_frames(rig, scen, k):
