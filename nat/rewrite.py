@@ -16,14 +16,15 @@ UDP with checksum 0 (none) stays 0; an update that lands on 0 is sent as
 
 from __future__ import annotations
 
-from router.ipv4 import IP_CSUM, IP_DST, IP_SRC, PROTO_ICMP, PROTO_TCP, PROTO_UDP, checksum, csum_update32
+from router.ipv4 import (IP_CSUM, IP_DST, IP_SRC, PROTO_ICMP, PROTO_TCP, PROTO_UDP, checksum, csum_update16,
+                         csum_update32, set_ip_checksum)
 
 VNET_NEEDS_CSUM = 1
 L4_CSUM_OFFSET = {PROTO_TCP: 16, PROTO_UDP: 6}
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 
 
-def _fold(s: int) -> int:
+def _fold(s: int) -> int:  # for partial (uncomplemented) sums; complemented ones use router.ipv4
     s = (s & 0xFFFF) + (s >> 16)
     return (s & 0xFFFF) + (s >> 16)
 
@@ -65,7 +66,7 @@ def _l4_update(buf, csum_off: int, proto: int, old: int, new: int, words: int, p
     if words == 2:
         c = csum_update32(c, old, new)
     else:
-        c = ~_fold((~c & 0xFFFF) + (~old & 0xFFFF) + new) & 0xFFFF
+        c = csum_update16(c, old, new)
     if proto == PROTO_UDP and c == 0:
         c = 0xFFFF
     _put16(buf, csum_off, c)
@@ -106,7 +107,7 @@ def set_port(buf, l3: int, src: bool, new: int, partial: bool) -> int:
     if coff + 2 <= len(buf):
         if proto == PROTO_ICMP:
             c = _get16(buf, coff)
-            _put16(buf, coff, ~_fold((~c & 0xFFFF) + (~old & 0xFFFF) + new) & 0xFFFF)
+            _put16(buf, coff, csum_update16(c, old, new))
         else:
             _l4_update(buf, coff, proto, old, new, 1, False, partial)
     return old
@@ -116,12 +117,6 @@ def set_icmp_checksum(buf, l4: int, end: int) -> None:
     """Recompute an ICMP message's checksum from scratch (after rewriting a quoted header)."""
     buf[l4 + 2] = buf[l4 + 3] = 0
     _put16(buf, l4 + 2, checksum(memoryview(buf)[l4:end]))
-
-
-def set_ip_checksum(buf, l3: int) -> None:
-    hlen = (buf[l3] & 0x0F) << 2
-    buf[l3 + IP_CSUM] = buf[l3 + IP_CSUM + 1] = 0
-    _put16(buf, l3 + IP_CSUM, checksum(memoryview(buf)[l3:l3 + hlen]))
 
 
 def rewrite_quoted(buf, inner: int, src: int, sport: int, dst: int, dport: int) -> None:
@@ -144,11 +139,10 @@ def rewrite_quoted(buf, inner: int, src: int, sport: int, dst: int, dport: int) 
             c = _get16(buf, l4 + 6)
             c = csum_update32(c, old_src, src)
             c = csum_update32(c, old_dst, dst)
-            c = ~_fold((~c & 0xFFFF) + (~old_sport & 0xFFFF) + sport) & 0xFFFF
-            c = ~_fold((~c & 0xFFFF) + (~old_dport & 0xFFFF) + dport) & 0xFFFF
+            c = csum_update16(csum_update16(c, old_sport, sport), old_dport, dport)
             _put16(buf, l4 + 6, c or 0xFFFF)
     elif proto == PROTO_ICMP and l4 + 6 <= len(buf):
         old = _get16(buf, l4 + 4)  # the echo id, with the quoted ICMP checksum updated (icmp_manip_pkt)
         _put16(buf, l4 + 4, sport)
         c = _get16(buf, l4 + 2)
-        _put16(buf, l4 + 2, ~_fold((~c & 0xFFFF) + (~old & 0xFFFF) + sport) & 0xFFFF)
+        _put16(buf, l4 + 2, csum_update16(c, old, sport))

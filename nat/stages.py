@@ -22,14 +22,15 @@ import random
 import struct
 from typing import Optional
 
-from router.ipv4 import IP_DST, IP_SRC, PROTO_ICMP, PROTO_TCP, PROTO_UDP, ip_str, is_multicast, parse_ipv4
+from router.ipv4 import (IP_DST, IP_SRC, PROTO_ICMP, PROTO_TCP, PROTO_UDP, ip_str, is_multicast, parse_ipv4,
+                         set_ip_checksum)
 from router.stages import DEST_UNREACH, PORT_UNREACH, RouterStage
 from vswitch.packet import ETH_DST, VNET_LEN
 from vswitch.stage import FLOW_NOOP, Stage
 
 from . import tcpstate as tcp
 from .conntrack import ORIGINAL, REPLY, Conn, Conntrack, invert
-from .rewrite import rewrite_quoted, set_addr, set_icmp_checksum, set_ip_checksum, set_port
+from .rewrite import rewrite_quoted, set_addr, set_icmp_checksum, set_port
 from .services import DROP, REJECT, ServiceTable, in_cidr
 
 PORTS = struct.Struct("!HH")
@@ -151,21 +152,21 @@ def l4_tuple(buf, l3: int, h):
     return None, 0
 
 
-def rewrite_dst(buf, l3: int, h, ip: int, port: int) -> None:
+def rewrite_addr(buf, l3: int, src: bool, ip: int, port: int) -> None:
+    """Set the source or destination address and port (ICMP: the echo id), checksums updated."""
     partial = bool(buf[0] & 1)
-    set_addr(buf, l3, IP_DST, ip, partial)
-    if h.proto in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
-        set_port(buf, l3, False, port, partial)  # ICMP: the echo id (un-masquerading a reply)
+    set_addr(buf, l3, IP_SRC if src else IP_DST, ip, partial)
+    if buf[l3 + 9] in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
+        set_port(buf, l3, src, port, partial)
+
+
+def rewrite_dst(buf, l3: int, h, ip: int, port: int) -> None:
+    rewrite_addr(buf, l3, False, ip, port)
     h.dst = ip
 
 
 def rewrite_src(buf, l3: int, h, ip: int, port: int) -> None:
-    partial = bool(buf[0] & 1)
-    set_addr(buf, l3, IP_SRC, ip, partial)
-    if h.proto in (PROTO_TCP, PROTO_UDP):
-        set_port(buf, l3, True, port, partial)
-    elif h.proto == PROTO_ICMP:
-        set_port(buf, l3, True, port, partial)  # the echo id
+    rewrite_addr(buf, l3, True, ip, port)
     h.src = ip
 
 
@@ -645,19 +646,11 @@ def established_step(conn: Conn, d: int, rewrite=None):
 
 
 def dst_rewriter(ip: int, port: int):
-    def rewrite(buf):
-        partial = bool(buf[0] & 1)
-        set_addr(buf, L3, IP_DST, ip, partial)
-        set_port(buf, L3, False, port, partial)
-    return rewrite
+    return lambda buf: rewrite_addr(buf, L3, False, ip, port)
 
 
 def src_rewriter(ip: int, port: int):
-    def rewrite(buf):
-        partial = bool(buf[0] & 1)
-        set_addr(buf, L3, IP_SRC, ip, partial)
-        set_port(buf, L3, True, port, partial)
-    return rewrite
+    return lambda buf: rewrite_addr(buf, L3, True, ip, port)
 
 
 def _no_conn_guard(ct):

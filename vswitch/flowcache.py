@@ -20,7 +20,10 @@ live flows' hits for a `show stats`.
 from __future__ import annotations
 
 import struct
+from socket import inet_ntoa
 from typing import Dict, Optional
+
+from .packet import mac_str
 
 # The key of an IPv4 frame: Ethernet header (MACs + type), the IP protocol,
 # the addresses, and for TCP/UDP the ports (a connection, for conntrack's
@@ -109,19 +112,11 @@ class FlowCache:
         """One row per cached flow (for `show flows`)."""
         out = []
         for (port, eth, proto, addrs, ports), flow in self.flows.items():
-            row = {"in_port": port.name, "dst_mac": _mac(eth[0:6]), "src_mac": _mac(eth[6:12]), "proto": proto,
-                   "src": _ip(addrs[0:4]), "dst": _ip(addrs[4:8]), "hits": flow.hits,
+            row = {"in_port": port.name, "dst_mac": mac_str(eth[0:6]), "src_mac": mac_str(eth[6:12]), "proto": proto,
+                   "src": inet_ntoa(addrs[0:4]), "dst": inet_ntoa(addrs[4:8]), "hits": flow.hits,
                    "stages": [s.name for s in flow.stages]}
             if ports is not None:
                 row["sport"], row["dport"] = int.from_bytes(ports[:2], "big"), int.from_bytes(ports[2:], "big")
             out.append(row)
         out.sort(key=lambda r: (r["in_port"], r["src"], r["dst"]))
         return out
-
-
-def _mac(b: bytes) -> str:
-    return ":".join(f"{x:02x}" for x in b)
-
-
-def _ip(b: bytes) -> str:
-    return ".".join(str(x) for x in b)
