@@ -119,11 +119,10 @@ def set_icmp_checksum(buf, l4: int, end: int) -> None:
     _put16(buf, l4 + 2, checksum(memoryview(buf)[l4:end]))
 
 
-def rewrite_quoted(buf, inner: int, src: int, sport: int, dst: int, dport: int) -> None:
-    """Rewrite the header an ICMP error quotes (at ``inner``): addresses, ports/echo id, and its IP checksum.
-
-    Only the 8 quoted L4 bytes are touched; a quoted UDP checksum is updated
-    as the kernel does (the TCP one is beyond the 8 bytes, left as it is).
+def rewrite_quoted(buf, inner: int, src: int, sport: int, dst: int, dport: int, end: int) -> None:
+    """Rewrite the header an ICMP error quotes (at ``inner``, the error ending at ``end``): addresses,
+    ports/echo id, its IP checksum, and its L4 checksum when the quote holds that field (as
+    tcp_manip_pkt/udp_manip_pkt do: a 20-byte IP + 8-byte quote carries the UDP one, not the TCP one).
     """
     proto = buf[inner + 9]
     l4 = inner + ((buf[inner] & 0x0F) << 2)
@@ -131,17 +130,19 @@ def rewrite_quoted(buf, inner: int, src: int, sport: int, dst: int, dport: int) 
     _put32(buf, inner + IP_SRC, src)
     _put32(buf, inner + IP_DST, dst)
     set_ip_checksum(buf, inner)
-    if proto in (PROTO_TCP, PROTO_UDP) and l4 + 4 <= len(buf):
+    if proto in (PROTO_TCP, PROTO_UDP) and l4 + 4 <= end:
         old_sport, old_dport = _get16(buf, l4), _get16(buf, l4 + 2)
         _put16(buf, l4, sport)
         _put16(buf, l4 + 2, dport)
-        if proto == PROTO_UDP and l4 + 8 <= len(buf) and _get16(buf, l4 + 6):
-            c = _get16(buf, l4 + 6)
-            c = csum_update32(c, old_src, src)
-            c = csum_update32(c, old_dst, dst)
+        coff = l4 + L4_CSUM_OFFSET[proto]
+        c = _get16(buf, coff) if coff + 2 <= end else None
+        if c is not None and (c or proto == PROTO_TCP):  # a UDP checksum of 0 means none
+            c = csum_update32(csum_update32(c, old_src, src), old_dst, dst)
             c = csum_update16(csum_update16(c, old_sport, sport), old_dport, dport)
-            _put16(buf, l4 + 6, c or 0xFFFF)
-    elif proto == PROTO_ICMP and l4 + 6 <= len(buf):
+            if proto == PROTO_UDP and c == 0:
+                c = 0xFFFF
+            _put16(buf, coff, c)
+    elif proto == PROTO_ICMP and l4 + 6 <= end:
         old = _get16(buf, l4 + 4)  # the echo id, with the quoted ICMP checksum updated (icmp_manip_pkt)
         _put16(buf, l4 + 4, sport)
         c = _get16(buf, l4 + 2)

@@ -310,24 +310,10 @@ class NatPrerouting(NatStage):
 
     def _related(self, pkt, h, buf, l3):
         """An ICMP error: find the connection it quotes; translate quote and outer addresses back."""
-        inner = l3 + h.hlen + 8
-        end = l3 + h.total_len
-        if end < inner + 20 or (buf[inner] >> 4) != 4:
+        found = related_conn(self.ct, buf, l3, h)
+        if found is None:
             return self._unrelated(pkt, h)
-        ihl = (buf[inner] & 0x0F) << 2
-        proto = buf[inner + 9]
-        isrc = int.from_bytes(buf[inner + 12:inner + 16], "big")
-        idst = int.from_bytes(buf[inner + 16:inner + 20], "big")
-        if proto in (PROTO_TCP, PROTO_UDP) and end >= inner + ihl + 4:
-            sport, dport = PORTS.unpack_from(buf, inner + ihl)
-        elif proto == PROTO_ICMP and end >= inner + ihl + 8 and buf[inner + ihl] == ICMP_ECHO_REQUEST:
-            sport = dport = (buf[inner + ihl + 4] << 8) | buf[inner + ihl + 5]
-        else:
-            return self._unrelated(pkt, h)
-        quoted = (proto, isrc, sport, idst, dport)
-        conn, d = self.ct.lookup(invert(quoted))  # the error travels against the quoted packet
-        if conn is None:
-            return self._unrelated(pkt, h)
+        conn, d = found
         pkt.note = ("related", conn, d)
         translate_error(buf, l3, conn, d)
         h.src = int.from_bytes(buf[l3 + 12:l3 + 16], "big")
@@ -393,6 +379,26 @@ class NatPrerouting(NatStage):
         return ""
 
 
+def related_conn(ct, buf, l3: int, h):
+    """(conn, direction) of the connection an ICMP error quotes, or None (nf_conntrack_icmpv4_error)."""
+    inner = l3 + h.hlen + 8
+    end = l3 + h.total_len
+    if end < inner + 20 or (buf[inner] >> 4) != 4:
+        return None
+    ihl = (buf[inner] & 0x0F) << 2
+    proto = buf[inner + 9]
+    isrc = int.from_bytes(buf[inner + 12:inner + 16], "big")
+    idst = int.from_bytes(buf[inner + 16:inner + 20], "big")
+    if proto in (PROTO_TCP, PROTO_UDP) and end >= inner + ihl + 4:
+        sport, dport = PORTS.unpack_from(buf, inner + ihl)
+    elif proto == PROTO_ICMP and end >= inner + ihl + 8 and buf[inner + ihl] == ICMP_ECHO_REQUEST:
+        sport = dport = (buf[inner + ihl + 4] << 8) | buf[inner + ihl + 5]
+    else:
+        return None
+    conn, d = ct.lookup(invert((proto, isrc, sport, idst, dport)))  # the error travels against the quote
+    return None if conn is None else (conn, d)
+
+
 def translate_error(buf, l3: int, conn: Conn, e: int) -> None:
     """nf_nat_icmp_reply_translation for an ICMP error travelling in direction ``e`` of ``conn``.
 
@@ -406,7 +412,7 @@ def translate_error(buf, l3: int, conn: Conn, e: int) -> None:
     l4 = l3 + ((buf[l3] & 0x0F) << 2)
     end = l3 + ((buf[l3 + 2] << 8) | buf[l3 + 3])
     q = conn.orig if e == REPLY else conn.reply  # what the quoted packet's sender saw
-    rewrite_quoted(buf, l4 + 8, q[1], q[2], q[3], q[4])
+    rewrite_quoted(buf, l4 + 8, q[1], q[2], q[3], q[4], end)
     tgt = conn.target(e)
     src_manip = conn.dnat if e == REPLY else conn.snat
     dst_manip = conn.snat if e == REPLY else conn.dnat
@@ -566,6 +572,11 @@ class NatBridge(Stage):
             return self.fwd
         t, flags = l4_tuple(buf, l3, h)
         if t is None:
+            if h.proto == PROTO_ICMP and not (h.frag_off or h.mf) and buf[l3 + h.hlen] in ICMP_ERRORS:
+                found = related_conn(self.ct, buf, l3, h)
+                if found is not None:  # an endpoint's error to a client pod: put the Service back
+                    pkt.note = ("related",) + found
+                    translate_error(buf, l3, *found)
             return self.fwd
         conn, d = self.ct.lookup(t)
         if conn is None or conn.expires <= pkt.ts:
@@ -583,6 +594,8 @@ class NatBridge(Stage):
             return FLOW_NOOP  # the key's destination MAC fixes this
         if pkt.note is None:
             return _no_conn_guard(self.ct)
+        if pkt.note[0] == "related":
+            return None  # errors are never cached
         conn, d = pkt.note
         to = conn.src_rewrite(d)
         return established_step(conn, d, src_rewriter(*to) if to else None)
@@ -592,8 +605,9 @@ class NatBridge(Stage):
             return {"tracked": False, "router": True}
         if pkt.note is None:
             return {"tracked": False}
-        conn, d = pkt.note
-        return {"tracked": True, "orig": _fmt(conn.orig), "reply": _fmt(conn.reply),
+        related = pkt.note[0] == "related"
+        conn, d = pkt.note[1:] if related else pkt.note
+        return {"tracked": True, "related": related, "orig": _fmt(conn.orig), "reply": _fmt(conn.reply),
                 "direction": "original" if d == ORIGINAL else "reply"}
 
     def format_trace(self, rec: dict) -> str:
@@ -601,6 +615,8 @@ class NatBridge(Stage):
             return "to the router, which tracks it"
         if not rec["tracked"]:
             return "no conntrack entry: bridged as is"
+        if rec.get("related"):
+            return f"ct related ICMP error for {rec['orig']} ({rec['direction']}): translated back"
         return f"ct {rec['direction']} of {rec['orig']}: source restored to the Service address"
 
 

@@ -901,9 +901,6 @@ def test_icmp_error_from_remote_endpoint_is_translated_back(rig):
     _check_translated_port_unreach(rig.only("p1"), vip, csum)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nat/stages.py NatBridge.process ignores ICMP errors (l4_tuple gives no "
-                   "tuple, no RELATED lookup), so an endpoint's port-unreachable bridged to a client pod on the same "
-                   "node keeps the endpoint's address in the outer header and quote instead of the Service's")
 def test_icmp_error_from_same_bridge_endpoint_is_translated_back(rig):
     vip, csum = _port_unreach_from_endpoint(rig, "same-bridge")
     _check_translated_port_unreach(rig.only("p1"), vip, csum)
@@ -1238,9 +1235,6 @@ def test_session_affinity_expires_after_its_timeout(rig):
     assert picks(30002) != first  # expired: each client picks afresh (15 clients cannot all repeat by chance)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nat/rewrite.py rewrite_quoted never updates a quoted TCP checksum; the "
-                   "kernel (tcp_manip_pkt) does whenever the quote holds the whole TCP header, so the quoted "
-                   "segment's checksum no longer matches what the client sent (low impact)")
 def test_icmp_error_quoting_a_whole_tcp_header_gets_its_checksum_translated(rig):
     sent = syn(POD1, VIP_REMOTE, 35500, 80)
     orig_csum = IP(bytes(sent))[TCP].chksum
