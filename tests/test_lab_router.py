@@ -229,10 +229,10 @@ def test_unanswered_arp_on_underlay_gets_host_unreachable_after_3s(make_lab):
             p.kill()
             stdout, _ = p.communicate()
         out[src] = (time.monotonic() - t0, stdout)
-    # a1's ping leaves node1 masqueraded (flannel's ip-masq: pod -> outside the cluster CIDR), so the
-    # error comes back RELATED, from the node address the kernel would pick; the kernel reference node
-    # in the lab has no ip-masq rules yet and answers from its gateway
-    for src, gw in (("a1", NODE1), ("b1", GW2)):
+
+
+
+
         took, stdout = out[src]
         assert FROM.findall(stdout) == [(gw, "Destination Host Unreachable")], f"{src}: {stdout}"
         assert 2.5 <= took <= 5.0, f"{src}: host unreachable after {took:.1f} s (kernel: 3 ARP probes, 1 s apart)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,9 +108,6 @@ HOST_NET = ("169.254.1.1/30", "169.254.1.2/30")  # router side / kernel side of 
 
 
 def _build(topo: Topology, st: dict, log) -> None:
-    if topo.backend == "vxlan" and len(topo.nodes) > 1:
-        log("note: backend vxlan: the overlay arrives with the overlay issue; pods reach pods on their own "
-            "node only (use backend: host-gw to route between nodes)")
     _add_netns(st, UNDERLAY)
     ip("link", "add", "br0", "type", "bridge", netns=UNDERLAY)
     ip("link", "set", "br0", "up", netns=UNDERLAY)
@@ -133,13 +131,18 @@ def _build(topo: Topology, st: dict, log) -> None:
         info = {"dataplane": node.dataplane, "address": str(node.address), "podCIDR": str(node.pod_cidr),
                 "gateway": str(node.gateway), "pid": None, "socket": None}
         st["nodes"][node.name] = info
+        peers = [o for o in topo.nodes if o is not node] if topo.backend == "vxlan" else []
         if node.dataplane == "vswitch":
+            overlay = _vswitch_overlay(node, peers, topo.underlay_mtu) if topo.backend == "vxlan" else None
             _start_vswitch(node, pods, info, st, uports[node.name], topo.underlay_mtu, routes,
-                           {"clusterCIDR": str(topo.pod_cidr), "manifests": [services_file]})
+                           {"clusterCIDR": str(topo.pod_cidr), "manifests": [services_file]}, overlay)
             ip("link", "set", uports[node.name], "master", "br0", "up", netns=UNDERLAY)
             _configure_host_port(node)
         else:
             _build_kernel_node(node, pods, routes)
+            if topo.backend == "vxlan":
+                _kernel_vxlan(node, peers, topo.underlay_mtu)
+            _program_services(node, services_file, str(topo.pod_cidr), str(topo.service_cidr))
         for pod in pods:
             _configure_pod(pod, node, st)
         _save(st)
@@ -186,8 +189,36 @@ def slice_manifest(sl) -> dict:
                           for e in sl.endpoints]}
 
 
+def vtep_mac(node_name: str) -> str:
+    """Every lab node's flannel.1 MAC, known up front (flannel publishes it in the node's annotations)."""
+    from router.interface import stable_mac
+    return stable_mac(node_name, "flannel.1").hex(":")
+
+
+def _vswitch_overlay(node, peers, underlay_mtu: int) -> dict:
+    return {"local": str(node.address.ip), "podCIDR": str(node.pod_cidr), "mac": vtep_mac(node.name),
+            "mtu": underlay_mtu - 50,
+            "peers": [{"name": o.name, "address": str(o.address.ip), "podCIDR": str(o.pod_cidr),
+                       "vtepMAC": vtep_mac(o.name)} for o in peers]}
+
+
+def _kernel_vxlan(node, peers, underlay_mtu: int) -> None:
+    """flannel.1 exactly as flannel's vxlan backend sets it up, with its three entries per peer."""
+    n, dev = node.name, "flannel.1"
+    ip("link", "add", dev, "address", vtep_mac(n), "mtu", str(underlay_mtu - 50), "type", "vxlan", "id", "1",
+       "local", str(node.address.ip), "dev", "eth0", "dstport", "8472", "nolearning", netns=n)
+    ip("addr", "add", f"{node.pod_cidr.network_address}/32", "dev", dev, netns=n)
+    ip("link", "set", dev, "up", netns=n)
+    for o in peers:
+        gw = str(o.pod_cidr.network_address)
+        ip("route", "add", str(o.pod_cidr), "via", gw, "dev", dev, "onlink", netns=n)
+        ip("neigh", "add", gw, "lladdr", vtep_mac(o.name), "dev", dev, "nud", "permanent", netns=n)
+        run(["bridge", "fdb", "append", vtep_mac(o.name), "dev", dev, "dst", str(o.address.ip), "self",
+             "permanent"], netns=n)
+
+
 def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: int, routes: list,
-                   nat: dict) -> None:
+                   nat: dict, overlay: Optional[dict] = None) -> None:
     """Config and daemon of a vswitch node.
 
     Its uplink is a TAP the daemon moves into the underlay namespace (so the
@@ -217,6 +248,10 @@ def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: i
         "nat": nat,
         "control": {"socket": sock},
     }
+    if overlay is not None:
+        cfg["overlay"] = overlay
+        # the VTEP binds the node address before the host port holding it exists
+        _sysctl(node.name, "net.ipv4.ip_nonlocal_bind=1")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     with open(log_path, "ab") as logf:
@@ -265,6 +300,40 @@ def _build_kernel_node(node, pods, routes: list) -> None:
         ip("link", "set", "eth0", "up", netns=pod.name)
     for r in routes:  # host-gw: other nodes' pod CIDRs via their node addresses
         ip("route", "add", *r.split(), netns=n)
+
+
+# kube-proxy's conntrack defaults (--conntrack-tcp-timeout-established 24h, -close-wait 1h), as
+# vswitch's "kube-proxy" conntrack profile has them; nf_conntrack_max is global, left alone.
+KUBE_PROXY_CONNTRACK = ("net.netfilter.nf_conntrack_tcp_timeout_established=86400",
+                        "net.netfilter.nf_conntrack_tcp_timeout_close_wait=3600")
+
+
+def _program_services(node, services_file: str, cluster_cidr: str, service_cidr: str) -> None:
+    """What kube-proxy (iptables mode) and flannel's ip-masq program on a kernel node."""
+    from nat.manifests import load_file
+
+    from .kubeproxy import render
+    n = node.name
+    if shutil.which("iptables-restore") is None:
+        raise LabError(f"kernel node {n} needs iptables-restore for its Service rules: install the iptables "
+                       "package (scripts/install.sh does)")
+    # Replies from an endpoint to a client pod on the same bridge must meet conntrack to be
+    # un-DNATed: kube-proxy needs bridged traffic to go through iptables.
+    if run(["sysctl", "-n", "net.bridge.bridge-nf-call-iptables"], netns=n, check=False).returncode != 0:
+        raise LabError(f"kernel node {n} needs the br_netfilter module (net.bridge.bridge-nf-call-iptables "
+                       "is missing): load it on the machine with `modprobe br_netfilter`")
+    # route_localnet: kube-proxy's default localhost NodePorts.
+    _sysctl(n, "net.bridge.bridge-nf-call-iptables=1", "net.ipv4.conf.all.route_localnet=1")
+    m = load_file(services_file)
+    rules = render(m.services, m.slices, node_name=n, node_ips=None, cluster_cidr=cluster_cidr,
+                   pod_cidr=str(node.pod_cidr))
+    run(["iptables-restore"], netns=n, input=rules)
+    _sysctl(n, *KUBE_PROXY_CONNTRACK)  # the sysctls exist once conntrack is in use in the namespace
+    # A real node reaches the Service CIDR through its default route, so unanswered ClusterIP ports
+    # get to FORWARD (REJECT) and the host's own connections get a route before OUTPUT's DNAT. The
+    # lab underlay has no gateway: route only the Service CIDR, so other unrouted traffic still
+    # gets net unreachable.
+    ip("route", "add", service_cidr, "dev", "eth0", "src", str(node.address.ip), netns=n)
 
 
 def _configure_pod(pod, node, st: dict) -> None:
