@@ -35,6 +35,7 @@ from .services import DROP, REJECT, ServiceTable, in_cidr
 
 PORTS = struct.Struct("!HH")
 ICMP_ERRORS = (3, 4, 5, 11, 12)  # quote the packet that caused them
+ICMP_REDIRECT = 5
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 PORT_CLASSES = ((1, 511), (600, 1023), (1024, 65535))  # nf_nat_l4proto_unique_tuple
 INVALID = ("invalid",)  # pkt.ct of a packet conntrack found INVALID
@@ -430,6 +431,7 @@ class NatIcmpError(NatStage):
 
     name = "nat-icmp-error"
     next_names = ("ip4-output",)
+    drops = {"redirect-nat": "ICMP redirect about a NATed connection (nf_nat_icmp_reply_translation drops it)"}
 
     def on_bind(self, graph) -> None:
         self.output = graph.stages["ip4-output"]
@@ -439,6 +441,9 @@ class NatIcmpError(NatStage):
         if ct is not None and ct is not INVALID:
             conn, d, _ = ct
             buf, l3 = pkt.buf, VNET_LEN + 14
+            if buf[l3 + 20] == ICMP_REDIRECT and (conn.dnat or conn.snat):
+                # the client would talk to the endpoint directly, past the translation
+                return self.drop(pkt, "redirect-nat")
             e = REPLY if d == ORIGINAL else ORIGINAL
             quoted_src = bytes(buf[l3 + 20 + 8 + 12:l3 + 20 + 8 + 16])
             if e == REPLY and conn.masq and quoted_src == conn.reply[3].to_bytes(4, "big"):

@@ -435,7 +435,7 @@ class Ip4Forward(RouterStage):
 
     def _redirect(self, pkt) -> None:
         copy = Packet(bytearray(pkt.buf), pkt.in_port, pkt.ts)
-        copy.l3, copy.iface = pkt.l3, pkt.iface
+        copy.l3, copy.iface, copy.ct = pkt.l3, pkt.iface, pkt.ct  # a NAT hook drops it for NATed flows
         copy.icmp = (REDIRECT, 1, pkt.nh, False)
         self.io.graph.run(copy, self.icmp)
 
