@@ -1,1 +1,1 @@
-"""overlay: the VXLAN encapsulator on UDP 8472 (the overlay issue; not built yet)."""
+"""overlay: flannel-compatible VXLAN on UDP 8472 (wire format, software GSO, the VTEP data path)."""

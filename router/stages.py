@@ -21,7 +21,7 @@ from vswitch.stage import FLOW_NOOP, Stage
 from . import arp
 from .fib import BLACKHOLE, PROHIBIT, UNREACHABLE
 from .icmp import SUPPRESS_REASONS, build_error, echo_reply, should_send_error
-from .ipv4 import (IP_DF, IP_FRAG, PARSE_REASONS, PROTO_ICMP, PROTO_TCP, PROTO_UDP, dec_ttl,
+from .ipv4 import (IP_DF, IP_FRAG, PARSE_REASONS, PROTO_ICMP, PROTO_TCP, PROTO_UDP, checksum, dec_ttl,
                    fragment, ip_str, is_lbcast, is_martian_dst, is_martian_src, is_multicast, parse_ipv4)
 from .neigh import SEND_NOW
 from .router import Router
@@ -301,6 +301,8 @@ class Ip4Local(RouterStage):
         if host is not None and pkt.iface is not host:
             pkt.out_iface, pkt.nh = host, h.dst
             pkt.note = "to-host"
+            if h.proto == PROTO_UDP and pkt.buf[0] & 1 and not pkt.buf[1] & 0x7F:
+                _finish_tunnelled_checksum(pkt.buf, pkt.l3 + h.hlen, pkt.l3 + h.total_len)
             return self.rewrite
         if h.proto == PROTO_UDP:
             pkt.note = "port-unreachable"
@@ -450,6 +452,23 @@ class Ip4Forward(RouterStage):
             t, c = rec["icmp"]
             return f"cannot forward: {ICMP_NAMES.get((t, c), f'icmp {t}/{c}')}"
         return f"{rec['action']} out {rec['egress']} (mtu {rec['mtu']}), ttl now {rec['ttl']}"
+
+
+def _finish_tunnelled_checksum(buf, l4: int, end: int) -> None:
+    """A UDP tunnel packet (VXLAN from a kernel node) whose *inner* checksum is still pending.
+
+    The sender's kernel leaves the inner TCP/UDP checksum to the NIC (its
+    outer UDP checksum already counts it as done: local checksum offload),
+    and the virtio-net header says where. A host socket gets the payload
+    without that header, so the field must be filled before the host
+    sees it, as skb_checksum_help would; then the outer checksum holds.
+    """
+    start = VNET_LEN + int.from_bytes(buf[6:8], "little")
+    field = start + int.from_bytes(buf[8:10], "little")
+    if start < l4 + 8 or field + 2 > end:
+        return  # the pending checksum is the outer UDP one: the host stack completes it itself
+    buf[field:field + 2] = checksum(memoryview(buf)[start:end]).to_bytes(2, "big")
+    buf[0] = 2  # VIRTIO_NET_HDR_F_DATA_VALID: nothing pending any more
 
 
 def _segment_len(buf, l3: int, hlen: int, proto: int) -> int:

@@ -112,7 +112,7 @@ BAD = [
     ("unknown-top-level", {"name": "n", "bogus": 1}, "bogus", "unknown key"),
     ("router-needs-interfaces", {"name": "n", "router": {}}, "router.interfaces", "is required"),
     ("services-later", {"name": "n", "services": []}, "services", "not supported yet"),
-    ("vxlan-later", {"name": "n", "vxlan": {"vni": 1}}, "vxlan", "not supported yet"),
+    ("vxlan-later", {"name": "n", "vxlan": {"vni": 1}}, "vxlan", "overlay:"),
     ("unknown-bridge-key", {"name": "n", "bridge": {"stp": True}}, "bridge.stp", "unknown key"),
     ("ageing-zero", {"name": "n", "bridge": {"ageing": 0}}, "bridge.ageing", ""),
     ("ageing-string", {"name": "n", "bridge": {"ageing": "5m"}}, "bridge.ageing", ""),

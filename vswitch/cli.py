@@ -88,6 +88,17 @@ def cmd_conntrack(args) -> int:
     return 0
 
 
+def cmd_peer(args) -> int:
+    """`vswitch peer add|del`: remote VTEPs at run time (what flannel does when a node joins or leaves)."""
+    sock = _socket(args)
+    if args.action == "add":
+        spec = {"name": args.name, "address": args.address, "podCIDR": args.pod_cidr, "vtepMAC": args.vtep_mac}
+        print(f"peer {control.request(sock, 'peer-add', spec=spec)['peer']} added")
+    else:
+        print(f"peer {control.request(sock, 'peer-del', name=args.name)['peer']} removed")
+    return 0
+
+
 def cmd_lab(args) -> int:
     from . import lab
     if args.action == "up":
@@ -204,6 +215,19 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--service", help="namespace/name[:port] of a Service")
     target(f)
     sp.set_defaults(fn=cmd_conntrack)
+
+    sp = sub.add_parser("peer", help="add or remove remote VXLAN peers (VTEPs) of a running node")
+    psub = sp.add_subparsers(dest="action", required=True)
+    f = psub.add_parser("add", help="vswitch peer add NAME --address NODE_IP --pod-cidr CIDR --vtep-mac MAC")
+    f.add_argument("name")
+    f.add_argument("--address", required=True, help="the peer node's underlay address")
+    f.add_argument("--pod-cidr", required=True, help="the peer node's pod CIDR")
+    f.add_argument("--vtep-mac", required=True, help="the peer's VTEP MAC (its flannel.1 address)")
+    target(f)
+    f = psub.add_parser("del", help="remove a peer by name or underlay address")
+    f.add_argument("name")
+    target(f)
+    sp.set_defaults(fn=cmd_peer)
 
     sp = sub.add_parser("lab", help="clusters of nodes and pods in network namespaces")
     lsub = sp.add_subparsers(dest="action", required=True)

@@ -131,18 +131,19 @@ class NodeConfig:
     router: dict | None = None  # {"interfaces": [...], "routes": [(path, text)]}
     flow_cache: int = DEFAULT_FLOW_CACHE  # flows kept; 0 turns the cache off
     nat: dict | None = None  # see _nat
+    overlay: dict | None = None  # see _overlay
 
 
 LATER = {
     "services": "Services come as Kubernetes manifests: list files under nat.manifests or use `vswitch apply -f`",
-    "vxlan": "the VXLAN overlay arrives with the overlay issue",
+    "vxlan": "the VXLAN tunnel endpoint is configured under overlay: (see docs/config.md)",
 }
 SCHEDULERS = ("random", "rr", "lc", "sh", "mh")
 
 
 def parse(doc: Any) -> NodeConfig:
     """Validate a config mapping (already loaded from YAML) into a NodeConfig."""
-    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router", "flow_cache", "nat"},
+    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router", "flow_cache", "nat", "overlay"},
           {"name"}, later=LATER)
     cfg = NodeConfig(name=_name(doc["name"], "name", what="a node name"))
     cfg.flow_cache = _int(doc.get("flow_cache", DEFAULT_FLOW_CACHE), "flow_cache", 0, 10_000_000)
@@ -192,6 +193,10 @@ def parse(doc: Any) -> NodeConfig:
         if cfg.router is None:
             raise ConfigError("nat", "needs a router: section (Services are translated on the routed path)")
         cfg.nat = _nat(doc["nat"])
+    if doc.get("overlay") is not None:
+        if cfg.router is None:
+            raise ConfigError("overlay", "needs a router: section (the VTEP is a router interface)")
+        cfg.overlay = _overlay(doc["overlay"], cfg.router, seen)
 
     control = _keys(doc.get("control", {}) or {}, "control", {"socket"})
     sock = control.get("socket", DEFAULT_SOCKET)
@@ -301,6 +306,67 @@ def _router(doc: Any, ports: Dict[str, str]) -> dict:
     if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
         raise ConfigError("router.routes", "must be a list of `ip route`-style strings")
     return {"interfaces": ifaces, "routes": [(f"router.routes[{i}]", r) for i, r in enumerate(routes)]}
+
+
+def _ipv4(v: Any, path: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(v)
+    except (ValueError, TypeError):
+        raise ConfigError(path, f"must be an IPv4 address like 192.168.1.11, got {v!r}") from None
+
+
+def _mac(v: Any, path: str) -> bytes:
+    if not isinstance(v, str):  # YAML reads an unquoted 52:54:00:... as a base-60 number
+        raise ConfigError(path, f"write the MAC in quotes, e.g. \"02:00:00:00:00:01\" (got {v!r})")
+    try:
+        mac = mac_bytes(v)
+    except ValueError:
+        raise ConfigError(path, f"not a MAC address: {v!r}") from None
+    if mac[0] & 1:
+        raise ConfigError(path, "must be a unicast MAC")
+    return mac
+
+
+def peer_spec(d: Any, path: str) -> dict:
+    """One remote VTEP: {name, address (its underlay IP), podCIDR, vtepMAC}."""
+    _keys(d, path, {"name", "address", "podCIDR", "vtepMAC"}, {"address", "podCIDR", "vtepMAC"})
+    addr = _ipv4(d["address"], _join(path, "address"))
+    try:
+        cidr = ipaddress.IPv4Network(d["podCIDR"])
+    except (ValueError, TypeError):
+        raise ConfigError(_join(path, "podCIDR"), f"must be an IPv4 prefix like 10.244.2.0/24, got "
+                                                  f"{d['podCIDR']!r}") from None
+    name = _name(d.get("name", str(addr)), _join(path, "name"), what="a peer name") if "name" in d else str(addr)
+    return {"name": name, "address": addr, "pod_cidr": cidr, "mac": _mac(d["vtepMAC"], _join(path, "vtepMAC"))}
+
+
+def _overlay(doc: Any, router: dict, ports: Dict[str, str]) -> dict:
+    """overlay: a flannel-style VXLAN VTEP (docs/config.md)."""
+    _keys(doc, "overlay", {"local", "podCIDR", "vni", "port", "mac", "mtu", "interface", "acceptUnknownPeers",
+                           "peers", "gso", "gro"}, {"local", "podCIDR"})
+    out = {"local": _ipv4(doc["local"], "overlay.local"),
+           "vni": _int(doc.get("vni", 1), "overlay.vni", 0, 0xFFFFFF),
+           "port": _int(doc.get("port", 8472), "overlay.port", 1, 65535),
+           "mtu": _int(doc.get("mtu", 1450), "overlay.mtu", 68, 65535),
+           "accept_unknown_peers": _bool(doc.get("acceptUnknownPeers", False), "overlay.acceptUnknownPeers"),
+           "gso": _bool(doc.get("gso", True), "overlay.gso"), "gro": _bool(doc.get("gro", True), "overlay.gro"),
+           "mac": _mac(doc["mac"], "overlay.mac") if "mac" in doc else None}
+    try:
+        out["pod_cidr"] = ipaddress.IPv4Network(doc["podCIDR"])
+    except (ValueError, TypeError):
+        raise ConfigError("overlay.podCIDR", f"must be this node's pod CIDR like 10.244.1.0/24, got "
+                                             f"{doc['podCIDR']!r}") from None
+    name = _name(doc.get("interface", "flannel.1"), "overlay.interface", what="an interface name")
+    if name in {i["name"] for i in router["interfaces"]}:
+        raise ConfigError("overlay.interface", f"{name!r} is already a router interface")
+    if name in ports:
+        raise ConfigError("overlay.interface", f"{name!r} is already a port name")
+    out["interface"] = name
+    peers = doc.get("peers", []) or []
+    if not isinstance(peers, list):
+        raise ConfigError("overlay.peers", "must be a list of {name, address, podCIDR, vtepMAC}")
+    out["peers"] = [peer_spec(p, f"overlay.peers[{i}]") for i, p in enumerate(peers)]
+    return out
 
 
 def load_yaml(path: str, what: str = "config") -> Any:

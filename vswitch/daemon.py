@@ -67,6 +67,16 @@ class Commands:
         except ManifestError as e:
             raise ValueError(str(e)) from None
 
+    def cmd_peer_add(self, spec: dict):
+        from .config import ConfigError
+        try:
+            return self.node.peer_add(spec)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    def cmd_peer_del(self, name: str):
+        return self.node.peer_del(name)
+
     def cmd_conntrack_flush(self, filters: dict):
         return {"deleted": self.node.conntrack_flush(**filters)}
 

@@ -33,12 +33,14 @@ class Node:
         learn = L2Learn(self.bridge, after="nat-bridge" if cfg.nat else "l2-forward")
         for stage in (EthInput(), learn, L2Forward(self.bridge), PortTx()):
             self.graph.add(stage)
-        self.router = self.router_io = self.nat = None
+        self.router = self.router_io = self.nat = self.overlay = None
         self.router_ports: Dict[str, object] = {}  # port name -> router interface owning it
         if cfg.router is not None:
             self._build_router(cfg.router)
         if cfg.nat is not None:
             self._build_nat(cfg.nat)
+        if cfg.overlay is not None:
+            self._build_overlay(cfg.overlay)
         self.graph.build("eth-input")
         if self.router_io is not None:
             self.router_io.bind(self.graph)
@@ -88,6 +90,33 @@ class Node:
                 self.nat.apply(load_file(path, node_port_range=self.node_port_range))
             except ManifestError as e:
                 raise ConfigError(f"nat.manifests[{i}]", str(e)) from None
+
+    def _build_overlay(self, ocfg: dict) -> None:
+        """The VTEP: a router interface whose port is a pair of UDP sockets, and flannel's peer entries."""
+        from overlay.overlay import Overlay
+        try:
+            self.overlay = Overlay(self.router, self.router_io, self.name, ocfg)
+        except ValueError as e:
+            raise ConfigError("overlay", str(e)) from None
+        self.router_ports[self.overlay.port.name] = self.overlay.iface
+
+    def _need_overlay(self):
+        if self.overlay is None:
+            raise KeyError(f"node {self.name} has no overlay (no `overlay:` in its config)")
+        return self.overlay
+
+    def peer_add(self, spec: dict) -> dict:
+        """Add (or replace) a remote VTEP at run time; spec as a config overlay.peers entry."""
+        from .config import peer_spec
+        ov = self._need_overlay()
+        peer = ov.add_peer(peer_spec(spec, "peer"))
+        self.flush_flows()
+        return {"peer": peer.name}
+
+    def peer_del(self, key: str) -> dict:
+        peer = self._need_overlay().remove_peer(key)
+        self.flush_flows()
+        return {"peer": peer.name}
 
     # --- Services -------------------------------------------------------------
     def _need_nat(self):
@@ -200,6 +229,9 @@ class Node:
                 self.add_port(spec, f"ports[{i}]")
             for mac, pname in self.cfg.static:
                 self.bridge.fdb.add_static(mac, self.ports[pname])
+            if self.overlay is not None:
+                self.overlay.port.open()
+                self.attach(self.overlay.port)
         except Exception:
             self.close()
             raise
@@ -262,6 +294,8 @@ class Node:
             return self.flows.rows() if self.flows is not None else []
         if table == "drops":
             return self.graph.drop_table()
+        if table == "vteps":
+            return self._need_overlay().rows()
         if table in ("services", "conntrack"):
             nat = self._need_nat()
             return nat.services.rows() if table == "services" else nat.ct.rows(now)
@@ -287,6 +321,9 @@ class Node:
         if self.flows is not None:
             c = self.flows.counters()
             rows.append({"stage": "(flow-cache)", "packets": c.pop("hits"), "drops": {}, **c})
+        if self.overlay is not None:
+            c = self.overlay.vtep.counters()
+            rows.append({"stage": "(vxlan)", "packets": c.pop("rx_packets"), "drops": c.pop("drops"), **c})
         if self.nat is not None:
             c = self.nat.ct.counters()
             rows.append({"stage": "(conntrack)", "packets": c.pop("inserted"), "drops": {}, **c,
@@ -306,4 +343,4 @@ class Node:
         return self.bridge.fdb.delete(mac_bytes(mac))
 
 
-TABLES = ("ports", "fdb", "stats", "drops", "flows", "routes", "neigh", "interfaces", "services", "conntrack")
+TABLES = ("ports", "fdb", "stats", "drops", "flows", "routes", "neigh", "interfaces", "services", "conntrack", "vteps")

@@ -124,8 +124,17 @@ def conntrack(rows: List[dict], node: str = "") -> str:
     return "\n".join(out) + f"\nconntrack: {len(rows)} flow entries." if out else "conntrack: 0 flow entries."
 
 
-RENDER: Dict[str, Callable[..., str]] = {"fdb": fdb, "ports": ports, "stats": stats, "drops": drops,
-                                         "flows": flows, "services": services, "conntrack": conntrack, "routes": routes, "neigh": neigh, "interfaces": interfaces}
+def vteps(rows: List[dict], node: str = "") -> str:
+    """Like `bridge fdb show dev flannel.1`, then each peer's pod CIDR and onlink next hop."""
+    out = [f"{r['mac']} dev {r['dev']} dst {r['dst']} self {r['state']}" for r in rows]
+    out += [f"  {r['name']}: {r['podCIDR']} via {r['gateway']} dev {r['dev']} onlink (vni {r['vni']}, "
+            f"udp {r['port']})" for r in rows]
+    return "\n".join(out) or "(no VXLAN peers)"
+
+
+RENDER: Dict[str, Callable[..., str]] = {
+    "fdb": fdb, "ports": ports, "stats": stats, "drops": drops, "flows": flows, "services": services,
+    "conntrack": conntrack, "routes": routes, "neigh": neigh, "interfaces": interfaces, "vteps": vteps}
 
 
 def render(table: str, rows, node: str = "vswitch", fmt: str = "table") -> str:

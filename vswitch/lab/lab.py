@@ -233,7 +233,7 @@ def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: i
               "netns_ifname": "eth0", "mtu": node.mtu} for i, p in enumerate(pods)]
     ports.append({"name": "uplink", "type": "tap", "ifname": "uplink", "netns": UNDERLAY, "netns_ifname": uport,
                   "mtu": underlay_mtu, "hairpin": False})
-    ports.append({"name": "host", "type": "tap", "ifname": "vsw0", "mtu": node.mtu, "hairpin": False})
+    ports.append({"name": "host", "type": "tap", "ifname": "vsw0", "mtu": underlay_mtu, "hairpin": False})
     cfg = {
         "name": node.name,
         "ports": ports,
@@ -241,7 +241,7 @@ def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: i
             "interfaces": [
                 {"name": "pods", "address": str(node.gateway), "mtu": node.mtu},
                 {"name": "uplink", "port": "uplink", "address": str(node.address), "mtu": underlay_mtu},
-                {"name": "host", "port": "host", "address": HOST_NET[0], "host": True, "mtu": node.mtu},
+                {"name": "host", "port": "host", "address": HOST_NET[0], "host": True, "mtu": underlay_mtu},
             ],
             "routes": routes,
         },

@@ -121,7 +121,8 @@ def parse(doc: Any, base_dir: str = ".") -> Topology:
             address=_iface(n["address"], _join(path, "address")),
             pod_cidr=_net(n["podCIDR"], _join(path, "podCIDR")),
             dataplane=n.get("dataplane", "vswitch"),
-            mtu=_int(n.get("mtu", 1500), _join(path, "mtu"), 576, 9000),
+            # flannel's vxlan gives pods the underlay MTU minus the 50 bytes of encapsulation
+            mtu=_int(n.get("mtu", underlay_mtu - 50 if backend == "vxlan" else 1500), _join(path, "mtu"), 576, 9000),
         )
         if spec.dataplane not in DATAPLANES:
             raise ConfigError(_join(path, "dataplane"), f"must be one of {', '.join(DATAPLANES)}, got {spec.dataplane!r}")
