@@ -51,7 +51,10 @@ class ServicePort:
         self.backends = backends
         ready = [b for b in backends if b.ready]
         self.usable = ready or [b for b in backends if b.serving and b.terminating]  # KEP-1669 fallback
-        self.local = [b for b in self.usable if b.node == node]
+        # CategorizeEndpoints: the Local set falls back on its own, so a terminating local endpoint
+        # still serves while a remote one is ready
+        mine = [b for b in backends if b.node == node]
+        self.local = [b for b in mine if b.ready] or [b for b in mine if b.serving and b.terminating]
         self.scheduler = SCHEDULERS[scheduler](rng)
         self.affinity: Dict[int, Tuple[Backend, float]] = {}  # client IP -> (backend, last used)
         self.affinity_timeout = svc.affinity_timeout if svc.session_affinity == "ClientIP" else 0

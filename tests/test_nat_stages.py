@@ -1448,3 +1448,21 @@ def test_flow_cache_replays_nat_like_the_slow_path_for_any_events(warm, events):
     for ev in (_established_everything(pair) if warm else []) + events:
         _run(pair, ev)
     pair.check_tables()
+
+
+def test_local_endpoints_fall_back_to_terminating_on_their_own():
+    """kube-proxy's CategorizeEndpoints: with no ready local endpoint, a serving+terminating local
+    one is used for Local traffic even while a remote endpoint is ready (and only then)."""
+    import random
+    from types import SimpleNamespace
+    from nat.services import Backend, ServicePort as SP
+    svc = SimpleNamespace(namespace="default", name="web", session_affinity="None", affinity_timeout=0)
+    sp = SimpleNamespace(name="", protocol="TCP")
+    remote_ready = Backend(1, 80, "node2", True, True, False)
+    local_term = Backend(2, 80, "node1", False, True, True)
+    local_gone = Backend(3, 80, "node1", False, False, True)
+    p = SP(svc, sp, [remote_ready, local_term, local_gone], "node1", "random", random.Random(1))
+    assert p.usable == [remote_ready] and p.local == [local_term]
+    local_ready = Backend(4, 80, "node1", True, True, False)
+    p = SP(svc, sp, [remote_ready, local_term, local_ready], "node1", "random", random.Random(1))
+    assert p.local == [local_ready]
