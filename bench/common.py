@@ -9,6 +9,7 @@ by iperf3's -t.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import List, Optional
@@ -124,3 +125,63 @@ def compare(script: str, title: str, topology: dict, pairs: list, goal_tcp_ratio
     save(args.json, {"kernel": k, "vswitch": v, "tcp_ratio": tcp_ratio, "pps_ratio": pps_ratio,
                      "seconds": args.seconds, "goals": {"tcp_ratio": goal_tcp_ratio, "pps": goal_pps}})
     return 0
+
+
+# --- helpers for benchmarks that drive their own programs in lab members ----------------------------
+
+def tcp_gbps_to(server: str, client: str, server_ip: str, target: str, seconds: float) -> float:
+    """Like tcp_gbps, but the client connects to ``target`` (a Service's ClusterIP, say) while the
+    server still listens on ``server_ip``: iperf3 takes the last -c it is given."""
+    out = iperf3(server, client, server_ip, seconds, ["-c", target])
+    return out["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def py_start(member: str, code: str, *args: object, timeout: float = 10.0):
+    """Start ``python3 -c code args`` in a lab member; returns the Popen once the program has
+    printed its first line (its "ready"). Stop it with ``py_stop``."""
+    import select
+    import subprocess
+
+    from vswitch.lab.lab import exec_argv
+    proc = subprocess.Popen(exec_argv(member, [sys.executable, "-u", "-c", code, *map(str, args)]),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready or not proc.stdout.readline():
+        py_stop(proc)
+        raise RuntimeError(f"program in {member} did not start: {proc.stderr.read()[-400:]}")
+    return proc
+
+
+def py_stop(proc) -> None:
+    """Stop a program py_start started (the kernel keeps processes alive in a deleted netns)."""
+    import subprocess
+
+    proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def py_json(member: str, code: str, *args: object, timeout: float = 60.0) -> dict:
+    """Run ``python3 -c code args`` in a lab member to completion; its stdout is one JSON object."""
+    from vswitch.lab.lab import exec_in
+    res = exec_in(member, [sys.executable, "-c", code, *map(str, args)], timeout=timeout)
+    try:
+        return json.loads(res.stdout)
+    except ValueError:
+        raise RuntimeError(f"program in {member} exited with {res.returncode}: "
+                           f"{(res.stdout + res.stderr)[-400:]}") from None
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, 0 when b is 0 (a failed run shows as 0.00x rather than a traceback)."""
+    return a / b if b else 0.0
+
+
+def percentile(values: List[float], p: float) -> float:
+    """The p-th percentile (0-100) by nearest rank; 0 for no values."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s), max(1, math.ceil(p / 100 * len(s)))) - 1]
