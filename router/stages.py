@@ -387,9 +387,16 @@ class Ip4Forward(RouterStage):
         self.rewrite = graph.stages[self.next_names[0]]
         self.icmp = graph.stages["ip4-icmp-error"]
 
+    def _local_out(self, pkt) -> bool:
+        """Sent by the node's own host stack from one of our addresses: locally originated on a
+        kernel node (ip_output, not ip_forward), so its TTL is neither checked nor decremented."""
+        r = self.router
+        return pkt.iface is r.host and r.host is not None and pkt.ip.src in r.local
+
     def process(self, pkt):
         h = pkt.ip
-        if h.ttl <= 1:
+        local = self._local_out(pkt)
+        if h.ttl <= 1 and not local:
             self.drop_counts["ttl-exceeded"] += 1
             return self.to_icmp(pkt, TIME_EXCEEDED, 0)
         out = pkt.out_iface
@@ -408,7 +415,7 @@ class Ip4Forward(RouterStage):
                 return self.to_icmp(pkt, DEST_UNREACH, FRAG_NEEDED, mtu)
             frags = True
         buf = _own(pkt)
-        if not pkt.dry_run:
+        if not pkt.dry_run and not local:
             dec_ttl(buf, pkt.l3)
         if out is pkt.iface and out.send_redirects and out.on_link(h.src) and \
                 (pkt.nh == h.dst or out.on_link(pkt.nh)) and not pkt.dry_run and \
@@ -416,7 +423,7 @@ class Ip4Forward(RouterStage):
             self._redirect(pkt)
         if frags:
             pkt.buf = fragment(buf, pkt.l3, mtu)  # a list: ip4-rewrite sends every piece
-        pkt.note = ("fragmented" if frags else "forwarded", h.ttl - 1)
+        pkt.note = ("fragmented" if frags else "forwarded", h.ttl if local else h.ttl - 1)
         return self.rewrite
 
     def flow_step(self, pkt):
@@ -426,14 +433,15 @@ class Ip4Forward(RouterStage):
         if out is pkt.iface and out.send_redirects and out.on_link(h.src) and (pkt.nh == h.dst or out.on_link(pkt.nh)):
             return None  # a redirect may be due: the limiter decides per packet
         mtu = out.mtu
+        local = self._local_out(pkt)
 
         def forwardable(buf, ts):  # what process() checks, for a 20-byte header
-            if buf[L3 + 8] <= 1:
+            if buf[L3 + 8] <= 1 and not local:
                 return False
             if buf[1] & 0x7F:
                 return _segment_len(buf, L3, 20, buf[L3 + 9]) <= mtu
             return ((buf[L3 + 2] << 8) | buf[L3 + 3]) <= mtu
-        return forwardable, _dec_ttl
+        return forwardable, (None if local else _dec_ttl)
 
     def _redirect(self, pkt) -> None:
         copy = Packet(bytearray(pkt.buf), pkt.in_port, pkt.ts)
