@@ -74,15 +74,7 @@ class Capture:
         return read_pcap(self.path)
 
     def stop(self) -> list:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # tcpdump flushes and closes the file
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr and not self.proc.stderr.closed:
-            self.proc.stderr.close()
+        stop_tcpdump(self.proc)
         return read_pcap(self.path) if os.path.exists(self.path) else []
 
     def frames(self, timeout: float = 5) -> list:
@@ -92,3 +84,16 @@ class Capture:
         except subprocess.TimeoutExpired:
             pass
         return self.stop()
+
+
+def stop_tcpdump(proc) -> None:
+    """SIGINT (tcpdump flushes and closes its file), then wait; kill if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr and not proc.stderr.closed:
+        proc.stderr.close()

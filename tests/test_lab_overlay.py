@@ -25,7 +25,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import pytest
 import yaml
 
 from conftest import _down_if_up, pexec
-from labutil import Capture
+from labutil import Capture, stop_tcpdump
 from vswitch import lab as vlab
 from vswitch.lab.lab import UNDERLAY, vtep_mac
 from vswitch.sandbox import in_sandbox
@@ -341,14 +340,7 @@ class UnderlayCapture:
             err += chunk
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # tcpdump flushes and closes the file
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stderr.close()
+        stop_tcpdump(self.proc)
         return self.path
 
 
