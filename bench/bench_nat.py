@@ -42,7 +42,7 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (ensure_sandbox, percentile, py_json, py_start, py_stop, ratio, save,  # noqa: E402
+from common import (checked_args, ensure_sandbox, percentile, run_args, py_json, py_start, py_stop, ratio, save,  # noqa: E402
                     table, tcp_gbps_to)
 
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -402,15 +402,9 @@ PARTS = ("lab", "memory")
 def main() -> int:
     ensure_sandbox(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description="Service (nat/) benchmark: vswitch vs kube-proxy's iptables rules")
-    ap.add_argument("--quick", action="store_true", help="short runs, 10 and 1,000 Services, 10,000 entries")
-    ap.add_argument("--seconds", type=float, help="length of each run (default 5, --quick 2)")
+    run_args(ap)  # --quick: 10 and 1,000 Services, 10,000 entries
     ap.add_argument("--only", choices=PARTS, help="run only the lab part (1-3) or only the memory part (4)")
-    ap.add_argument("--json", help="also write the results to this file")
-    args = ap.parse_args()
-    if args.seconds is None:
-        args.seconds = 2.0 if args.quick else 5.0
-    if not 0 < args.seconds <= 600:
-        ap.error("--seconds must be in (0, 600]")
+    args = checked_args(ap)
     counts = (10, 1000) if args.quick else (10, 1000, 10000)
     args.max_conns = 20_000 if args.quick else 200_000
     res: dict = {"seconds": args.seconds, "quick": args.quick}

@@ -34,7 +34,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import ensure_sandbox, ratio, save, table, tcp_gbps, udp_small_pps  # noqa: E402
+from common import (checked_args, ensure_sandbox, ratio, run_args, save, table, tcp_gbps,  # noqa: E402
+                    udp_small_pps)
 
 TOPOLOGY = {
     "name": "bench-overlay",
@@ -108,14 +109,8 @@ def main() -> int:
     ensure_sandbox(os.path.abspath(__file__))
     title = "overlay benchmark: pod -> pod across two nodes over VXLAN (UDP 8472, VNI 1)"
     ap = argparse.ArgumentParser(description=title)
-    ap.add_argument("--quick", action="store_true", help="2-second runs")
-    ap.add_argument("--seconds", type=float, help="length of each iperf3 run (default 5, --quick 2)")
-    ap.add_argument("--json", help="also write the results to this file")
-    args = ap.parse_args()
-    if args.seconds is None:
-        args.seconds = 2.0 if args.quick else 5.0
-    if not 0 < args.seconds <= 600:
-        ap.error("--seconds must be in (0, 600]")
+    run_args(ap)
+    args = checked_args(ap)
 
     from vswitch import lab
     from vswitch.lab.topology import parse

@@ -66,6 +66,22 @@ def udp_small_pps(server: str, client: str, server_ip: str, seconds: float) -> d
             "flood_pps": flood, "lossless_pps": max((r["sent_pps"] for r in clean), default=0.0), "runs": runs}
 
 
+def run_args(ap) -> None:
+    """--quick / --seconds / --json, shared by the benches; parse with checked_args."""
+    ap.add_argument("--quick", action="store_true", help="short (2-second) runs")
+    ap.add_argument("--seconds", type=float, help="length of each run (default 5, --quick 2)")
+    ap.add_argument("--json", help="also write the results to this file")
+
+
+def checked_args(ap):
+    args = ap.parse_args()
+    if args.seconds is None:
+        args.seconds = 2.0 if args.quick else 5.0
+    if not 0 < args.seconds <= 600:
+        ap.error("--seconds must be in (0, 600]")
+    return args
+
+
 def table(rows: List[List[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

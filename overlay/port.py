@@ -131,8 +131,8 @@ class VxlanPort(Port):
     def send(self, buf) -> bool:
         vt = self.vtep
         frame = memoryview(buf)[VNET_LEN:]
-        remote = vt.remote_for(bytes(frame[:6]))
-        if remote is None:
+        dest = vt.remote_for(bytes(frame[:6]))
+        if dest is None:
             return self._tx_drop("no-fdb")
         if frame[12:14] != b"\x08\x00":
             return self._tx_drop("not-ipv4")
@@ -145,7 +145,6 @@ class VxlanPort(Port):
         tos = vxlan.ecn_encap(0, vxlan.inner_dsfield(frame))  # flannel's tos 0: only ECN is carried
         anc = [(socket.IPPROTO_IP, socket.IP_TOS, bytes([tos]))] if tos else []
         sock = self._tx_socket(sport)
-        dest = (str(ipaddress.IPv4Address(remote)), vt.port)
         try:
             self._sendmsg(sock, hdr, segs, anc, dest)
         except OSError:
@@ -207,9 +206,8 @@ class VxlanPort(Port):
 
     def _receive(self, view, start: int, n: int, gso: int, addr, ts: float) -> None:
         vt = self.vtep
-        src = int(ipaddress.IPv4Address(addr[0]))
         count = -(-n // gso)
-        if not vt.known(src):
+        if not vt.known(addr[0]):
             vt.drop("unknown-peer", count)
             self.rx_drops += count
             return

@@ -79,6 +79,13 @@ class SegmentError(ValueError):
         self.reason = reason
 
 
+def pseudo_field(src: int, dst: int, proto: int, length: int) -> int:
+    """What a partial (NEEDS_CSUM) L4 checksum field holds: the folded, uncomplemented pseudo-header sum."""
+    s = pseudo_sum(src, dst, proto, length)
+    s = (s & 0xFFFF) + (s >> 16)
+    return (s & 0xFFFF) + (s >> 16)
+
+
 def pseudo_sum(src: int, dst: int, proto: int, length: int) -> int:
     """Unfolded sum of the IPv4 pseudo-header (RFC 793/768), for ``checksum(..., init=)``."""
     return (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + proto + length

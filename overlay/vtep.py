@@ -62,7 +62,8 @@ class Vtep:
         self.vnis = frozenset((vni,))
         self.header = encode_header(vni)
         self.peers: Dict[int, Peer] = {}  # underlay address -> peer
-        self.fdb: Dict[bytes, int] = {}  # remote VTEP MAC -> underlay address
+        self.sources: set = set()  # the peers' underlay addresses as sockets report them
+        self.fdb: Dict[bytes, tuple] = {}  # remote VTEP MAC -> (underlay address, port): a sendmsg destination
         self.tx_packets = self.tx_bytes = self.tx_calls = 0
         self.rx_packets = self.rx_bytes = 0
         self.drops: Counter = Counter()
@@ -70,11 +71,12 @@ class Vtep:
     def drop(self, reason: str, n: int = 1) -> None:
         self.drops[reason] += n
 
-    def remote_for(self, dst_mac: bytes) -> Optional[int]:
+    def remote_for(self, dst_mac: bytes) -> Optional[tuple]:
         return self.fdb.get(dst_mac)
 
-    def known(self, addr: int) -> bool:
-        return self.accept_unknown_peers or addr in self.peers
+    def known(self, addr: str) -> bool:
+        """Is ``addr`` (a socket's source address string) a peer's underlay address?"""
+        return self.accept_unknown_peers or addr in self.sources
 
     # --- peers (the router part is done by whoever owns the router: see overlay.wiring) --------
     def add_peer(self, peer: Peer) -> Optional[Peer]:
@@ -92,7 +94,8 @@ class Vtep:
         if old is not None:
             self.fdb.pop(old.vtep_mac, None)
         self.peers[peer.address] = peer
-        self.fdb[peer.vtep_mac] = peer.address
+        self.fdb[peer.vtep_mac] = (str(ipaddress.IPv4Address(peer.address)), self.port)
+        self.sources = {d[0] for d in self.fdb.values()}
         return old
 
     def remove_peer(self, key: str) -> Peer:
@@ -101,6 +104,7 @@ class Vtep:
             if key in (p.name, str(ipaddress.IPv4Address(addr))):
                 del self.peers[addr]
                 self.fdb.pop(p.vtep_mac, None)
+                self.sources = {d[0] for d in self.fdb.values()}
                 return p
         raise KeyError(f"no VXLAN peer {key!r} (peers: {', '.join(p.name for p in self.peers.values()) or 'none'})")
 

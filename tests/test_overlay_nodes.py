@@ -119,15 +119,13 @@ PAYLOAD = bytes(range(256)) * 40  # 10240 bytes: 7 segments of 1398 and a short 
 
 def send_super_frame(pair) -> None:
     """What a pod's TSO write looks like: partial checksum (pseudo-header sum), gso_size = MSS."""
-    from overlay.segment import pseudo_sum
+    from overlay.segment import pseudo_field
     from router.ipv4 import ip_int
     pkt = IP(src=POD_IP["a"], dst=POD_IP["b"], flags="DF", id=100) / \
         TCP(sport=40000, dport=5201, seq=1000, flags="PA") / Raw(PAYLOAD)
     raw = bytearray(bytes(Ether(src=POD_MAC["a"], dst=pair.gw_mac("a")) / pkt))
     l4 = 14 + 20
-    s = pseudo_sum(ip_int(POD_IP["a"]), ip_int(POD_IP["b"]), 6, len(raw) - l4)
-    s = (s & 0xFFFF) + (s >> 16)
-    struct.pack_into("!H", raw, l4 + 16, (s & 0xFFFF) + (s >> 16))
+    struct.pack_into("!H", raw, l4 + 16, pseudo_field(ip_int(POD_IP["a"]), ip_int(POD_IP["b"]), 6, len(raw) - l4))
     pair.pods["a"].inject(bytes(raw), vnet=VNET_HDR.pack(1, 1, 54, 1398, l4, 16))
 
 
