@@ -178,6 +178,12 @@ BAD = [
     ("socket-not-string", {"name": "n", "control": {"socket": 5}}, "control.socket", ""),
     ("unknown-control-key", {"name": "n", "control": {"port": 1}}, "control.port", "unknown key"),
     ("bad-log-level", {"name": "n", "log": {"level": "trace"}}, "log.level", "trace"),
+    ("bad-log-format", {"name": "n", "log": {"format": "xml"}}, "log.format", "xml"),
+    ("metrics-not-loopback", {"name": "n", "metrics": {"listen": "0.0.0.0:9469"}}, "metrics.listen", "loopback"),
+    ("metrics-relative-unix", {"name": "n", "metrics": {"listen": "unix:n.sock"}}, "metrics.listen", "absolute"),
+    ("metrics-needs-listen", {"name": "n", "metrics": {}}, "metrics.listen", "is required"),
+    ("unknown-metrics-key", {"name": "n", "metrics": {"listen": "127.0.0.1:1", "port": 1}}, "metrics.port",
+     "unknown key"),
     ("bridge-not-mapping", {"name": "n", "bridge": [1]}, "bridge", "mapping"),
 ]
 

@@ -128,6 +128,8 @@ class NodeConfig:
     ports: List[dict] = field(default_factory=list)
     socket: str = DEFAULT_SOCKET
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (vswitch/logs.py)
+    metrics_listen: str | None = None  # "127.0.0.1:9469" or "unix:/path"; None: no metrics endpoint
     router: dict | None = None  # {"interfaces": [...], "routes": [(path, text)]}
     flow_cache: int = DEFAULT_FLOW_CACHE  # flows kept; 0 turns the cache off
     nat: dict | None = None  # see _nat
@@ -143,7 +145,8 @@ SCHEDULERS = ("random", "rr", "lc", "sh", "mh")
 
 def parse(doc: Any) -> NodeConfig:
     """Validate a config mapping (already loaded from YAML) into a NodeConfig."""
-    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router", "flow_cache", "nat", "overlay"},
+    _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router", "flow_cache", "nat", "overlay",
+                "metrics"},
           {"name"}, later=LATER)
     cfg = NodeConfig(name=_name(doc["name"], "name", what="a node name"))
     cfg.flow_cache = _int(doc.get("flow_cache", DEFAULT_FLOW_CACHE), "flow_cache", 0, 10_000_000)
@@ -204,11 +207,24 @@ def parse(doc: Any) -> NodeConfig:
         raise ConfigError("control.socket", f"must be an absolute path of at most 107 bytes, got {sock!r}")
     cfg.socket = sock
 
-    log = _keys(doc.get("log", {}) or {}, "log", {"level"})
+    log = _keys(doc.get("log", {}) or {}, "log", {"level", "format"})
     level = log.get("level", "info")
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log.level", f"must be one of debug, info, warning, error, got {level!r}")
     cfg.log_level = level
+    fmt = log.get("format", "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError("log.format", f"must be text or json, got {fmt!r}")
+    cfg.log_format = fmt
+
+    if doc.get("metrics") is not None:
+        from .metrics import parse_listen
+        metrics = _keys(doc["metrics"], "metrics", {"listen"}, {"listen"})
+        try:
+            parse_listen(metrics["listen"])
+        except ValueError as e:
+            raise ConfigError("metrics.listen", str(e)) from None
+        cfg.metrics_listen = metrics["listen"]
     return cfg
 
 
