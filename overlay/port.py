@@ -156,6 +156,20 @@ class VxlanPort(Port):
         vt.tx_bytes += nbytes
         return True
 
+    def tx_trace(self, buf) -> dict:
+        """What ``send`` does with ``buf``, as data for a trace (nothing is sent)."""
+        frame = memoryview(buf)[VNET_LEN:]
+        dest = self.vtep.remote_for(bytes(frame[:6]))
+        if dest is None or frame[12:14] != b"\x08\x00":
+            return {"drop": "no-fdb" if dest is None else "not-ipv4"}
+        try:
+            n = len(segment.segment(bytearray(buf)))
+        except segment.SegmentError as e:
+            return {"drop": e.reason}
+        return {"vni": self.vtep.vni, "src": self._local, "dst": dest[0], "sport": vxlan.source_port(frame),
+                "dport": dest[1], "ttl": vxlan.OUTER_TTL, "df": False,
+                "tos": vxlan.ecn_encap(0, vxlan.inner_dsfield(frame)), "segments": n}
+
     def _sendmsg(self, sock, hdr: bytes, segs: list, anc: list, dest) -> None:
         vt = self.vtep
         if len(segs) == 1 or not self.gso:

@@ -99,6 +99,144 @@ def cmd_peer(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    """`vswitch trace`: one packet through a node's real pipeline, each stage's decision printed."""
+    from . import trace
+    port, sock = args.inp, None
+    if args.config is None:
+        port, sock = _trace_target(args)
+    if args.pcap:
+        if args.packet:
+            raise ValueError("give a PACKET or --pcap, not both")
+        frame = trace.read_frame(args.pcap, args.frame)
+    elif not args.packet:
+        raise ValueError("no packet: give a scapy expression, hex, or --pcap FILE")
+    if args.config is not None:  # offline: the config's node in-process (vswitch.sim)
+        from .sim import SimNode
+        sim = SimNode.from_config(args.config)
+        res = sim.inject(port, frame if args.pcap else " ".join(args.packet), commit=args.commit)
+        frame, steps, pid, node = res.frame, res.steps, res.id, sim.name
+    else:
+        if not args.pcap:
+            frame = trace.parse_packet(" ".join(args.packet), control.request(sock, "trace-defaults", port=port))
+        res = control.request(sock, "trace", port=port, frame=frame, commit=args.commit)
+        steps, pid, node = res["steps"], res["id"], args.node or "vswitch"
+    if args.output == "json":
+        print(json.dumps({"node": node, "in": port, "packet": trace.summary(frame), "frame": frame.hex(),
+                          "id": pid, "committed": args.commit, "verdict": trace.verdict(steps), "steps": steps},
+                         indent=2, default=str))
+    else:
+        print(trace.render(steps, pid, f"in {port} on {node}: {trace.summary(frame)}"))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    """`vswitch replay FILE --config NODE.yaml`: per-packet verdicts of a recorded capture, offline."""
+    from .replay import replay
+    from .sim import SimNode
+    from .trace import render, summary
+    with SimNode.from_config(args.config) as sim:
+        results = replay(args.file, sim, args.inp)
+        if args.output == "json":
+            print(json.dumps([{"frame": r.number, "ts": r.ts, **r.to_dict()} for r in results], indent=2,
+                             default=str))
+            return 0
+        for r in results:
+            if args.trace:
+                print(f"frame {r.number}:")
+                print(render(r.steps, None, f"in {r.port}: {summary(r.frame)}"))
+                print()
+            else:
+                print(f"{r.number:>5}  {r.port:<10} {summary(r.frame):<60}  {r.verdict}")
+        dropped = sum(1 for r in results if r.dropped)
+        print(f"{len(results)} packets replayed through {sim.name}: {dropped} dropped, "
+              f"{len(results) - dropped} not dropped")
+    return 0
+
+
+def cmd_capture(args) -> int:
+    """`vswitch capture`: a running node's packets at each stage, to pcapng or printed with scapy."""
+    import time
+    from .bpf import five_tuple
+    if args.node is None and args.socket is None and args.port:
+        from .lab import state
+        pod = ((state() or {}).get("pods") or {}).get(args.port[0])
+        args.node = pod["node"] if pod else None
+    sock = _socket(args)
+    parts = [" ".join(args.expr)] if args.expr else []
+    tuple_args = {k: getattr(args, k) for k in ("proto", "src", "dst", "sport", "dport", "host")}
+    if any(v is not None for v in tuple_args.values()):
+        parts.append(five_tuple(**tuple_args))
+    expr = " and ".join(f"({p})" for p in parts) if len(parts) > 1 else (parts[0] if parts else None)
+    start = control.request(sock, "capture-start", stages=args.stage or [], ports=args.port or [], expr=expr,
+                            count=args.count, duration=args.duration)
+    cid, out, n_rec, pids = start["id"], None, 0, set()
+    print(f"capturing on {args.node or sock}: ports {', '.join(start['ports']) or 'all'}, "
+          f"stages {', '.join(start['stages'])}{f', filter {expr!r}' if expr else ''}; "
+          f"up to {args.count} packets or {args.duration:g} s", file=sys.stderr)
+    if args.write:
+        from .pcapng import PcapngWriter
+        out = PcapngWriter(sys.stdout.buffer if args.write == "-" else open(args.write, "wb"))
+    ifaces: dict = {}
+    lost = 0
+    try:
+        deadline = time.monotonic() + args.duration + 5.0
+        while True:
+            res = control.request(sock, "capture-read", id=cid)
+            lost = res["lost"]
+            for rec in res["records"]:
+                n_rec += 1
+                pids.add(rec["id"])
+                if out is not None:
+                    key = (rec["port"], rec["stage"])
+                    if key not in ifaces:
+                        ifaces[key] = out.add_interface(f"{rec['port']}:{rec['stage']}",
+                                                        f"vswitch node {args.node or sock}, port {rec['port']}, "
+                                                        f"stage {rec['stage']}")
+                    out.write_packet(ifaces[key], rec["ts"], rec["frame"], direction=rec["dir"], packet_id=rec["id"],
+                                     verdict=rec["verdict"])  # also written as the packet's comment
+                else:
+                    _print_record(rec, args.verbose)
+            if out is not None:
+                out.flush()
+            if res["done"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            control.request(sock, "capture-stop", id=cid)
+        except control.ControlError:
+            pass
+        if out is not None and args.write != "-":
+            out.close()
+    where = f" to {args.write}" if args.write and args.write != "-" else ""
+    print(f"{len(pids)} packets, {n_rec} stage records{where}" + (f"; {lost} records lost (reader too slow)"
+                                                                 if lost else ""), file=sys.stderr)
+    return 0
+
+
+def _print_record(rec: dict, verbose: bool) -> None:
+    from scapy.all import Ether  # all layers, so IP/UDP/VXLAN... are dissected
+    pkt = Ether(rec["frame"])
+    arrow = "<" if rec["dir"] == "in" else ">"
+    print(f"#{rec['id']} {rec['port']}:{rec['stage']} {arrow} {pkt.summary()}  | {rec['verdict']}", flush=True)
+    if verbose:
+        pkt.show()
+
+
+def _trace_target(args) -> tuple:
+    """(port, control socket); in a lab a pod's name stands for the node port its eth0 is on."""
+    if args.node is None and args.socket is None:
+        from .lab import state
+        st = state()
+        pod = (st or {}).get("pods", {}).get(args.inp)
+        if pod is not None:
+            args.node = pod["node"]
+    return args.inp, _socket(args)
+
+
 def cmd_lab(args) -> int:
     from . import lab
     if args.action == "up":
@@ -229,6 +367,53 @@ def parser() -> argparse.ArgumentParser:
     target(f)
     sp.set_defaults(fn=cmd_peer)
 
+    sp = sub.add_parser("trace", help="trace one packet through a node's pipeline (dry run unless --commit)",
+                        description="Runs PACKET through the node's real pipeline as if it arrived on port --in "
+                                    "and prints every stage's decision. PACKET is a scapy expression "
+                                    "(Ether()/IP(src='10.244.1.5',dst='10.96.0.10')/TCP(dport=80); an Ether() "
+                                    "is added when missing; an unset destination MAC is the gateway's, an unset "
+                                    "source MAC one learned on the port and an unset IPv4 source the address "
+                                    "the node has seen behind it), hex bytes, or --pcap FILE [--frame N].")
+    sp.add_argument("packet", nargs="*", help="scapy expression or hex")
+    sp.add_argument("--in", dest="inp", required=True, metavar="PORT",
+                    help="ingress port (in a lab: a pod's name, which also picks its node)")
+    sp.add_argument("--pcap", help="take the packet from this pcap/pcapng file")
+    sp.add_argument("--frame", type=int, default=1, help="frame number in --pcap (from 1, as Wireshark counts)")
+    sp.add_argument("--commit", action="store_true",
+                    help="really process it: learn, create conntrack entries, send (default: dry run)")
+    sp.add_argument("--config", help="trace offline through this node config (no daemon needed)")
+    sp.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    target(sp)
+    sp.set_defaults(fn=cmd_trace)
+
+    sp = sub.add_parser("capture", help="capture a running node's packets at every stage (pcapng or scapy)",
+                        description="Captures packets that pass the filter (tcpdump syntax, on the frame as "
+                                    "received) and enter or leave one of --port, at every --stage they pass. "
+                                    "Stops after --count packets or --duration seconds, whichever comes first.")
+    sp.add_argument("expr", nargs="*", help="tcpdump-style filter, e.g. tcp port 80 and host 10.244.1.5")
+    sp.add_argument("-w", "--write", metavar="FILE", help="write pcapng (one interface per port:stage; '-' = stdout)")
+    sp.add_argument("--scapy", action="store_true", help="print each record's scapy summary (the default without -w)")
+    sp.add_argument("-v", "--verbose", action="store_true", help="with --scapy: scapy's show() of every record")
+    sp.add_argument("--port", action="append", help="only packets entering or leaving this port (repeatable)")
+    sp.add_argument("--stage", action="append", help="only records at this stage (repeatable; default all)")
+    sp.add_argument("-c", "--count", type=int, default=100, help="stop after this many packets (default 100)")
+    sp.add_argument("--duration", type=float, default=10.0, help="stop after this many seconds (default 10)")
+    for flag in ("proto", "src", "dst", "host"):
+        sp.add_argument(f"--{flag}", help=f"5-tuple filter: {flag}")
+    sp.add_argument("--sport", type=int, help="5-tuple filter: source port")
+    sp.add_argument("--dport", type=int, help="5-tuple filter: destination port")
+    target(sp)
+    sp.set_defaults(fn=cmd_capture)
+
+    sp = sub.add_parser("replay", help="run a recorded pcap/pcapng through a node config offline: per-packet verdicts")
+    sp.add_argument("file", help="pcap or pcapng file")
+    sp.add_argument("--config", "-c", required=True, help="node config (YAML); ports become in-memory ports")
+    sp.add_argument("--in", dest="inp", metavar="PORT",
+                    help="ingress port for every frame (default: the capture's interface name)")
+    sp.add_argument("--trace", action="store_true", help="print every packet's full trace")
+    sp.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    sp.set_defaults(fn=cmd_replay)
+
     sp = sub.add_parser("lab", help="clusters of nodes and pods in network namespaces")
     lsub = sp.add_subparsers(dest="action", required=True)
     f = lsub.add_parser("up", help="build a lab from a topology file")
@@ -269,6 +454,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except (control.ControlError, LabError, SandboxError, NetnsError, ValueError) as e:
         print(f"vswitch: {e}", file=sys.stderr)
+        return 1
+    except KeyError as e:  # "no port named ...": the message is the whole story
+        print(f"vswitch: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

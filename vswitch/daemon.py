@@ -84,11 +84,31 @@ class Commands:
         pkt = self.node.trace(port, frame, dry_run=not commit)
         return {"id": pkt.id, "steps": [dict(s) for s in pkt.trace]}
 
+    def cmd_capture_start(self, stages=(), ports=(), expr=None, count: int = 100, duration: float = 10.0):
+        return self.node.capture_start(stages, ports, expr, count, duration)
+
+    def cmd_capture_read(self, id: int):
+        return self.node.capture_read(id)
+
+    def cmd_capture_stop(self, id: int):
+        return self.node.capture_stop(id)
+
+    def cmd_trace_defaults(self, port: str):
+        return self.node.default_macs(port)
+
 
 async def serve_node(cfg: NodeConfig, ready=None) -> None:
     loop = asyncio.get_running_loop()
     node = Node(cfg)
     node.start(loop)  # raises (after closing what it opened) on a bad port
+    metrics = None
+    if cfg.metrics_listen:
+        from .metrics import serve_metrics, stop_metrics
+        try:
+            metrics = await serve_metrics(node, cfg.metrics_listen)
+        except BaseException:
+            node.close()
+            raise
     server = await control.serve(cfg.socket, Commands(node))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,12 +125,16 @@ async def serve_node(cfg: NodeConfig, ready=None) -> None:
 
     sweeper = loop.create_task(timers())
     log.info("node %s up: %d ports, control socket %s", node.name, len(node.ports), cfg.socket)
+    if metrics is not None:
+        log.info("metrics on %s", cfg.metrics_listen, extra={"listen": cfg.metrics_listen})
     if ready is not None:
         ready(node)
     try:
         await stop.wait()
     finally:
         sweeper.cancel()
+        if metrics is not None:
+            stop_metrics(metrics, cfg.metrics_listen)
         server.close()
         try:
             os.unlink(cfg.socket)
@@ -135,8 +159,8 @@ def run(config_path: str) -> int:
     except ConfigError as e:
         print(f"vswitch: invalid config: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s node=" + cfg.name + " %(message)s")
+    from .logs import configure
+    configure(cfg.log_level, cfg.log_format, cfg.name)
     try:
         event_loop_run(serve_node(cfg))
     except (ConfigError, OSError, ValueError) as e:

@@ -16,7 +16,7 @@ from .ethernet import EthInput
 from .fdb import Fdb
 from .flowcache import FlowCache, flow_key
 from .output import PortTx
-from .packet import Packet, mac_bytes
+from .packet import VNET_LEN, Packet, mac_bytes, mac_str
 from .ports import Port, port_kinds
 from .stage import Graph
 
@@ -46,6 +46,8 @@ class Node:
             self.router_io.bind(self.graph)
         self.flows = FlowCache(cfg.flow_cache) if cfg.flow_cache else None
         self.ports: Dict[str, Port] = {}
+        self.captures: Dict[int, object] = {}  # open capture sessions (vswitch.capture)
+        self.graph.observers.append(_snapshot)
         self.loop = None
         self._next_index = 1
 
@@ -174,13 +176,19 @@ class Node:
         return n
 
     # --- ports --------------------------------------------------------------
-    def add_port(self, spec: dict, path: str = "port") -> Port:
-        """Create, open and attach a port from a config entry (validated here too)."""
+    def add_port(self, spec: dict, path: str = "port", make: Optional[Callable[[dict], Port]] = None) -> Port:
+        """Create, open and attach a port from a config entry (validated here too).
+
+        ``make`` builds the port from the validated spec instead of its type
+        (the simulator turns every port into a memory port this way)."""
         spec = port_spec(dict(spec), path)
         if spec["name"] in self.ports:
             raise ValueError(f"{path}.name: a port named {spec['name']!r} already exists")
-        kwargs = {k: v for k, v in spec.items() if k not in ("type", "name")}
-        port = port_kinds()[spec["type"]](spec["name"], **kwargs)
+        if make is None:
+            kwargs = {k: v for k, v in spec.items() if k not in ("type", "name")}
+            port = port_kinds()[spec["type"]](spec["name"], **kwargs)
+        else:
+            port = make(spec)
         port.open()
         self.attach(port)
         return port
@@ -221,12 +229,12 @@ class Node:
         except KeyError:
             raise KeyError(f"no port named {name!r} (ports: {', '.join(self.ports) or 'none'})") from None
 
-    def start(self, loop) -> None:
+    def start(self, loop, make_port: Optional[Callable[[dict], Port]] = None) -> None:
         """Open every configured port; on any failure close the ones opened and re-raise."""
         self.loop = loop
         try:
             for i, spec in enumerate(self.cfg.ports):
-                self.add_port(spec, f"ports[{i}]")
+                self.add_port(spec, f"ports[{i}]", make_port)
             for mac, pname in self.cfg.static:
                 self.bridge.fdb.add_static(mac, self.ports[pname])
             if self.overlay is not None:
@@ -242,6 +250,8 @@ class Node:
 
     # --- packets ------------------------------------------------------------
     def receive(self, port: Port, buf, ts: float) -> None:
+        if self.captures and self._receive_captured(port, buf, ts):
+            return
         flows = self.flows
         key = flow_key(port, buf) if flows is not None else None
         if key is None:
@@ -258,6 +268,48 @@ class Node:
         if steps is not None:
             flows.insert(key, steps)
 
+    def _receive_captured(self, port: Port, buf, ts: float) -> bool:
+        """The slow path, traced, for a frame some capture session wants (flow cache bypassed)."""
+        frame = bytes(buf[VNET_LEN:])
+        wanted = [c for c in self.captures.values() if c.wants(frame)]
+        if not wanted:
+            return False
+        pkt = Packet(bytearray(buf), port, ts, trace=[])
+        pkt.ensure_id()
+        pkt.snaps = []
+        self.graph.run(pkt, port.entry)
+        for cap in wanted:
+            cap.offer(pkt, pkt.snaps)
+        return True
+
+    # --- capture sessions -----------------------------------------------------
+    def capture_start(self, stages=(), ports=(), expr: Optional[str] = None, count: int = 100,
+                      duration: float = 10.0) -> dict:
+        from .capture import Capture
+        for s in stages:
+            if s not in self.graph.stages:
+                raise ValueError(f"no stage {s!r} (stages: {', '.join(self.graph.stages)})")
+        for p in ports:
+            self.port(p)
+        cap = Capture(stages=stages or self.graph.stages, ports=ports, expr=expr, count=count,
+                      duration=duration, now=self.clock())
+        self.captures[cap.id] = cap
+        return {"id": cap.id, "stages": sorted(cap.stages, key=list(self.graph.stages).index),
+                "ports": sorted(cap.ports)}
+
+    def capture_read(self, cid: int) -> dict:
+        cap = self.captures.get(cid)
+        if cap is None:
+            raise KeyError(f"no capture session {cid} (it ended, or was never started)")
+        res = cap.read(self.clock())
+        if res["done"]:
+            del self.captures[cid]
+        return res
+
+    def capture_stop(self, cid: int) -> dict:
+        cap = self.captures.pop(cid, None)
+        return {"stopped": cap is not None}
+
     def flush_flows(self) -> int:
         return self.flows.flush() if self.flows is not None else 0
 
@@ -270,6 +322,19 @@ class Node:
         self.graph.run(pkt, port.entry)
         return pkt
 
+    def default_macs(self, port_name: str) -> dict:
+        """What a traced frame gets when it names none: the gateway's MAC as destination (the router
+        interface on this port, else the one on the bridge), a MAC learned on the port as source."""
+        port = self.port(port_name)
+        dst = port.iface.mac if port.iface is not None else next(
+            (mac for mac in self.bridge.local), None)
+        src = next((r["mac"] for r in self.bridge.fdb.rows(self.clock())
+                    if r["port"] == port_name and not r["static"]), None)
+        # and as source address, the one the router has seen behind that MAC
+        ip = next((r["ip"] for r in self.router.neigh_rows() if r["lladdr"] == src), None) \
+            if src and self.router is not None else None
+        return {"dst": mac_str(dst) if dst else None, "src": src, "ip": ip}
+
     # --- tables ---------------------------------------------------------------
     def expire(self) -> int:
         return self.bridge.fdb.expire(self.clock())
@@ -281,6 +346,8 @@ class Node:
             self.router_io.tick(now)
         if self.nat is not None:
             self.nat.tick(now)
+        for cid in [c.id for c in self.captures.values() if c.stale(now)]:
+            del self.captures[cid]  # its client went away without reading to the end
 
     def show(self, table: str) -> list:
         now = self.clock()
@@ -341,6 +408,12 @@ class Node:
 
     def fdb_del(self, mac: str) -> bool:
         return self.bridge.fdb.delete(mac_bytes(mac))
+
+
+def _snapshot(stage, pkt) -> None:
+    if pkt.snaps is not None:
+        port = pkt.in_port  # a routed frame re-enters the bridge from the router's interface
+        pkt.snaps.append((bytes(pkt.buf[VNET_LEN:]), port.name if port is not None else "?"))
 
 
 TABLES = ("ports", "fdb", "stats", "drops", "flows", "routes", "neigh", "interfaces", "services", "conntrack", "vteps")

@@ -41,6 +41,10 @@ class PortTx(Stage):
         rec = {"ports": [p.name for p in ports], "len": len(pkt)}
         if pkt.note == "dry-run":
             rec["dry_run"] = True
+        for p in ports:
+            encap = p.tx_trace(pkt.buf)
+            if encap is not None:
+                rec.setdefault("encap", {})[p.name] = encap
         if pkt.then is not None:
             rec["then"] = pkt.then.name
         return rec
@@ -48,4 +52,8 @@ class PortTx(Stage):
     def format_trace(self, rec: dict) -> str:
         line = f"out {', '.join(rec['ports'])} len {rec['len']}"
         line += " (dry run: not sent)" if rec.get("dry_run") else ""
+        for name, e in rec.get("encap", {}).items():
+            line += (f"; {name}: would drop ({e['drop']})" if "drop" in e else
+                     f"; {name}: vxlan vni {e['vni']} {e['src']}:{e['sport']} > {e['dst']}:{e['dport']} "
+                     f"ttl {e['ttl']} df {int(e['df'])} tos 0x{e['tos']:02x}, {e['segments']} segment(s)")
         return line + (f", then {rec['then']}" if rec.get("then") else "")

@@ -76,7 +76,7 @@ class Packet:
         "buf", "in_port", "ts", "id",
         "out_port", "out_ports", "then",
         "drop_stage", "drop_reason",
-        "trace", "note", "dry_run",
+        "trace", "note", "dry_run", "snaps",
         # L3 decisions (router, nat, overlay stages fill these in)
         "l3", "ip", "iface", "route", "nh", "out_iface", "icmp",
         "ct",  # the conntrack entry and direction (nat stages)
@@ -95,6 +95,7 @@ class Packet:
         self.trace = trace
         self.note = None  # the last stage's decision, for its trace formatter
         self.dry_run = dry_run
+        self.snaps = None  # the frame after each traced stage, while a capture wants them
         self.l3 = 0  # offset of the IP header in buf
         self.ip = self.iface = self.route = self.nh = self.out_iface = self.icmp = None
         self.ct = None

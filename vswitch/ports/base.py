@@ -44,6 +44,10 @@ class Port:
     def send(self, buf) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def tx_trace(self, buf) -> Optional[dict]:
+        """What sending ``buf`` would add beyond the frame itself (an encapsulation), for traces."""
+        return None
+
     def _drain(self, read) -> None:
         """Read up to BATCH frames with ``read()`` (raises BlockingIOError when empty).
 
