@@ -149,6 +149,11 @@ def test_capture_records_every_stage_of_a_real_ping_to_pcapng(lab, tmp_path):
     request = [f for i, _, f, o in recs if i == "a1:eth-input"][0]
     reply_out = [f for i, _, f, o in recs if i == "a1:port-tx"][0]
     assert request[30:34] == bytes(map(int, b1.split("."))) and reply_out[26:30] == request[30:34]
+    # scapy reads the same file: the same frames, and our stage names as its interface names
+    from scapy.utils import PcapNgReader
+    with PcapNgReader(str(path)) as r:
+        theirs = list(r)
+    assert [bytes(p) for p in theirs] == [f for _, _, f, _ in recs]
     if shutil.which("tshark"):
         res = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.interface_name"],
                              capture_output=True, text=True, timeout=60)

@@ -9,6 +9,7 @@ See docs/config.md for the schema with examples.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
@@ -400,4 +401,8 @@ def load_yaml(path: str, what: str = "config") -> Any:
 
 
 def load(path: str) -> NodeConfig:
-    return parse(load_yaml(path))
+    cfg = parse(load_yaml(path))
+    if cfg.nat is not None:  # relative manifest paths are relative to the config file, not the cwd
+        base = os.path.dirname(os.path.abspath(path))
+        cfg.nat["manifests"] = [os.path.join(base, m) for m in cfg.nat["manifests"]]
+    return cfg
