@@ -1,0 +1,1 @@
+"""Bridge scenarios: kernel-dataplane-spec.md section 1 (cni0)."""

@@ -1,0 +1,1 @@
+"""Service scenarios: kernel-dataplane-spec.md sections 4 and 5 (conntrack, kube-proxy)."""
