@@ -226,6 +226,32 @@ def _print_record(rec: dict, verbose: bool) -> None:
         pkt.show()
 
 
+def cmd_conformance(args) -> int:
+    """`vswitch conformance`: every scenario on an all-kernel and an all-vswitch cluster, compared."""
+    from conformance.core import report, run, select
+    chosen = select(args.k)
+    if not chosen:
+        raise ValueError(f"no scenario matches {' '.join(args.k)}")
+    if args.list:
+        for s in chosen:
+            print(f"{s.name:<36} {s.topology:<7} {s.spec:<12} {s.doc}")
+        return 0
+    if not in_sandbox():
+        argv = [sys.executable, "-m", "vswitch", "conformance", "-o", args.output]
+        for k in args.k or ():
+            argv += ["-k", k]
+        return enter(argv)
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.output != "json" else (lambda *a: None)
+    outcomes = run(chosen, log=log)
+    if args.output == "json":
+        print(json.dumps([{k: v for k, v in o.to_dict().items() if k in ("scenario", "verdict", "kernel",
+                                                                          "vswitch", "differing")}
+                          for o in outcomes], indent=2, default=str))
+    else:
+        print(report(outcomes))
+    return 1 if any(o.verdict == "differs" for o in outcomes) else 0
+
+
 def _trace_target(args) -> tuple:
     """(port, control socket); in a lab a pod's name stands for the node port its eth0 is on."""
     if args.node is None and args.socket is None:
@@ -404,6 +430,16 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--dport", type=int, help="5-tuple filter: destination port")
     target(sp)
     sp.set_defaults(fn=cmd_capture)
+
+    sp = sub.add_parser("conformance", help="run scenarios on the kernel dataplane and on vswitch, and compare",
+                        description="Builds each scenario's cluster twice in a sandbox (all-kernel, all-vswitch), "
+                                    "runs the scenarios on both and compares what they observed. Verdicts: pass, "
+                                    "known-difference (listed in docs/conformance.md), differs (exit status 1).")
+    sp.add_argument("-k", action="append", metavar="PATTERN",
+                    help="only scenarios whose name contains PATTERN (or matches it as a glob); repeatable")
+    sp.add_argument("--list", action="store_true", help="list the scenarios instead of running them")
+    sp.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    sp.set_defaults(fn=cmd_conformance)
 
     sp = sub.add_parser("replay", help="run a recorded pcap/pcapng through a node config offline: per-packet verdicts")
     sp.add_argument("file", help="pcap or pcapng file")
