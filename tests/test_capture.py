@@ -246,8 +246,6 @@ def test_duration_bound_ends_the_session(sim):
     assert cid not in sim.node.captures
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the deadline is only checked in read(): until the client reads, "
-                                       "packets after it are still captured (and skip the flow cache)")
 def test_nothing_is_captured_after_the_deadline(sim):
     cid = start(sim, duration=5.0)
     sim.advance(6.0)

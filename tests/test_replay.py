@@ -225,6 +225,23 @@ def test_unknown_in_port_is_a_key_error(config_path, pcap):
             replay(pcap, sim, "p9")
 
 
+def test_simple_packet_blocks_have_no_time_and_leave_the_clock_alone(config_path, tmp_path):
+    """A Simple Packet Block carries no timestamp (read_packets gives ts None)."""
+    import struct
+    path = str(tmp_path / "spb.pcapng")
+    write_pcapng(path, [("p1", T0, dns_query(), {})])
+    frame = bytes(dns_query())
+    body = struct.pack("<I", len(frame)) + frame + bytes(-len(frame) % 4)
+    with open(path, "ab") as f:  # SPB (type 3) for interface 0
+        f.write(struct.pack("<II", 3, 12 + len(body)) + body + struct.pack("<I", 12 + len(body)))
+    with SimNode.from_config(config_path) as sim:
+        start = sim.now
+        res = replay(path, sim)
+        assert sim.now == start
+    assert [r.ts for r in res] == [pytest.approx(T0), None]
+    assert [r.stage("nat-prerouting")["ct"] for r in res] == ["new", "existing"]
+
+
 # --- files written by `vswitch capture` ----------------------------------------------------------------------
 
 def capture_records(frame: Ether, pid: int, ts: float, stages=("eth-input", "l2-forward", "port-tx")) -> list:
@@ -313,3 +330,8 @@ def test_cli_replay_errors_exit_1(config_path, pcap, capsys):
     assert "give --in PORT" in capsys.readouterr().err
     assert main(["replay", pcap, "--config", config_path, "--in", "nope"]) == 1
     assert "no port named 'nope'" in capsys.readouterr().err
+
+
+def test_cli_replay_missing_file_is_a_clean_error(config_path, tmp_path, capsys):
+    assert main(["replay", str(tmp_path / "missing.pcap"), "--config", config_path, "--in", "p1"]) == 1
+    assert "missing.pcap" in capsys.readouterr().err

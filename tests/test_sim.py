@@ -519,8 +519,6 @@ def test_inject_vxlan_without_overlay_raises(sim):
         sim.inject_vxlan("192.168.1.12", inbound())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: inject_vxlan's Result.frame is the VXLAN payload, which str()/"
-                                       "to_dict() summarize as if it were an Ethernet frame (garbage MACs)")
 def test_inject_vxlan_result_text_shows_the_packet(osim):
     res = osim.inject_vxlan("192.168.1.12", inbound())
     header = str(res).splitlines()[0]

@@ -46,7 +46,9 @@ class Capture:
         # pipeline timestamps are monotonic; files want wall-clock time
         self.wall_offset = time.time() - time.monotonic()
 
-    def wants(self, frame) -> bool:
+    def wants(self, frame, now: float) -> bool:
+        if now >= self.deadline:
+            self.done = True
         return not self.done and (self.filter is None or self.filter.match(frame))
 
     def offer(self, pkt, snaps: list) -> None:

@@ -491,6 +491,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (control.ControlError, LabError, SandboxError, NetnsError, ValueError) as e:
         print(f"vswitch: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file named on the command line that cannot be read
+        print(f"vswitch: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyError as e:  # "no port named ...": the message is the whole story
         print(f"vswitch: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1

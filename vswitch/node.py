@@ -271,7 +271,7 @@ class Node:
     def _receive_captured(self, port: Port, buf, ts: float) -> bool:
         """The slow path, traced, for a frame some capture session wants (flow cache bypassed)."""
         frame = bytes(buf[VNET_LEN:])
-        wanted = [c for c in self.captures.values() if c.wants(frame)]
+        wanted = [c for c in self.captures.values() if c.wants(frame, ts)]
         if not wanted:
             return False
         pkt = Packet(bytearray(buf), port, ts, trace=[])

@@ -62,8 +62,9 @@ class Result:
 
     @property
     def dropped(self) -> Optional[tuple]:
-        """(stage, reason) when the packet died in the pipeline, else None."""
-        if self.steps and self.steps[-1]["stage"] == "drop":
+        """(stage, reason) when the packet died in the pipeline without leaving by any port, else None."""
+        if self.steps and self.steps[-1]["stage"] == "drop" and not any(
+                s["stage"] == "port-tx" and s["record"].get("then") for s in self.steps):
             r = self.steps[-1]["record"]
             return r["stage"], r["reason"]
         return None
@@ -153,7 +154,7 @@ class SimNode:
         data = bytes(payload)
         mark = len(self.emitted)
         self.node.overlay.port.inject_datagram(src, data, self.now)
-        return Result(data, self.node.overlay.port.name, None, self.emitted[mark:])
+        return Result(data[8:], self.node.overlay.port.name, None, self.emitted[mark:])  # the inner frame
 
     def take(self) -> List[Emitted]:
         """Every frame sent since the last take (including ARP/ICMP the node generated on its own)."""

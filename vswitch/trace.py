@@ -20,8 +20,12 @@ FALLBACK_SRC = "02:00:00:00:00:01"  # a locally administered MAC when nothing wa
 
 
 def _scapy_names() -> dict:
+    """scapy's layer classes and nothing else: scapy.all also re-exports modules (os, builtins...)
+    and functions that send packets, none of which an expression should reach."""
     import scapy.all as sa
-    return {k: getattr(sa, k) for k in dir(sa) if not k.startswith("_")}
+    from scapy.packet import Packet as ScapyPacket
+    return {k: v for k, v in vars(sa).items()
+            if not k.startswith("_") and isinstance(v, type) and issubclass(v, ScapyPacket)}
 
 
 def parse_packet(text: str, defaults: Optional[dict] = None) -> bytes:
@@ -29,7 +33,7 @@ def parse_packet(text: str, defaults: Optional[dict] = None) -> bytes:
     text = text.strip()
     if not text:
         raise ValueError("no packet given")
-    if HEX_RE.match(text) and len(re.sub(r"[:\s]", "", text)) % 2 == 0 and not text.isdigit():
+    if HEX_RE.match(text) and len(re.sub(r"[:\s]", "", text)) % 2 == 0:  # no expression looks like this
         frame = bytes.fromhex(re.sub(r"[:\s]", "", text))
         if len(frame) < 14:
             raise ValueError(f"a hex frame needs at least an Ethernet header (14 bytes), got {len(frame)}")
@@ -91,12 +95,18 @@ def verdict(steps: list) -> str:
     for s in steps:
         if s["stage"] == "port-tx":
             outs += s["record"].get("ports", [])
+    dropped = None
     if last["stage"] == "drop":
         r = last["record"]
-        return f"dropped by {r['stage']}: {r['reason']}"
+        dropped = f"dropped by {r['stage']}: {r['reason']}"
+        # only a flood goes on after port-tx (to the router's copy): then the copies did leave
+        if not any(s["stage"] == "port-tx" and s["record"].get("then") for s in steps):
+            return dropped
     if outs:
         dry = any(s["record"].get("dry_run") for s in steps if s["stage"] == "port-tx")
-        return ("would leave by " if dry else "sent out ") + ", ".join(dict.fromkeys(outs))
+        sent = ("would leave by " if dry else "sent out ") + ", ".join(dict.fromkeys(outs))
+        # a flood the router also hears: the copies left, the router's own copy may still die
+        return sent + (f"; the router's copy {dropped}" if dropped else "")
     return f"ended in {last['stage']}: {last['text']}"
 
 

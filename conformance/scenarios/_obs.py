@@ -55,3 +55,84 @@ def udp_to(frames: list, dport: int) -> list:
     """The frames carrying UDP to ``dport`` (what a probe sent), ignoring ARP and other chatter."""
     from scapy.layers.inet import UDP, UDPerror
     return [f for f in frames if UDP in f and UDPerror not in f and f[UDP].dport == dport]
+
+
+# --- overlay and underlay helpers (appended for overlay.py / router_more.py) -----------------------------
+
+def watch_underlay(c) -> None:
+    """Make the ``underlay`` point see every frame crossing br0, not only what br0 floods or takes
+    itself: PACKET_MR_PROMISC on its socket (dropped with the socket; idempotent)."""
+    import socket
+    import struct
+    if getattr(c, "_underlay_promisc", False):
+        return
+    ifindex = int(c.exec("underlay", "cat", "/sys/class/net/br0/ifindex").stdout)
+    mreq = struct.pack("iHH8s", ifindex, 1, 0, b"")  # packet_mreq: PACKET_MR_PROMISC
+    c.points.socks["underlay"].setsockopt(263, 1, mreq)  # SOL_PACKET, PACKET_ADD_MEMBERSHIP
+    c._underlay_promisc = True
+
+
+def role_mac(c, role: str) -> str:
+    """The MAC that has role ``role`` (``node:node2``, ``gw:node1``, a pod, ``ext``)."""
+    for mac, r in c.roles.items():
+        if r == role:
+            return mac
+    raise KeyError(f"no MAC has role {role}")
+
+
+def vtep_roles(c) -> dict:
+    """Every node's own VTEP MAC as a role ``vtep:NODE`` (added to ``c.roles`` too): flannel.1's
+    address on a kernel node, the (vxlan) row of `vswitch show stats` on a vswitch node."""
+    import json
+    import subprocess
+    out = {}
+    for node in c.nodes:
+        if c.dataplane(node) == "vswitch":
+            from ..cluster import VSWITCH
+            res = subprocess.run(VSWITCH + ["show", "stats", "--node", node, "-o", "json"], capture_output=True,
+                                 text=True, timeout=30)
+            rows = [r for r in json.loads(res.stdout or "[]") if r.get("stage") == "(vxlan)"]
+            mac = rows[0]["mac"].lower() if rows else None
+        else:
+            res = c.exec(node, "ip", "-j", "link", "show", "flannel.1")
+            mac = json.loads(res.stdout)[0]["address"].lower() if res.returncode == 0 else None
+        if mac:
+            out[mac] = f"vtep:{node}"
+            c.roles[mac] = f"vtep:{node}"
+    return out
+
+
+def vxlan_packets(c, frames: list) -> list:
+    """The VXLAN datagrams (UDP to 8472) among ``frames``, each as (outer description, inner Ether)."""
+    from scapy.layers.inet import IP, UDP, in4_chksum
+    from scapy.layers.l2 import Ether
+    out = []
+    for f in frames:
+        if IP not in f or UDP not in f or f[UDP].dport != 8472:
+            continue
+        ip, udp = f[IP], f[UDP]
+        raw = bytes(udp)[:udp.len] if udp.len else bytes(udp)
+        hdr = raw[8:16]
+        inner = Ether(raw[16:])
+        d = {"eth_src": c.role(f.src), "eth_dst": c.role(f.dst), "src": role_ip(c, ip.src),
+             "dst": role_ip(c, ip.dst), "ttl": ip.ttl, "tos": ip.tos, "df": bool(ip.flags.DF),
+             "mf_or_offset": bool(ip.flags.MF) or ip.frag != 0, "ihl": ip.ihl, "ip_len": ip.len,
+             "udp_dport": udp.dport, "sport": udp.sport, "sport_in_range": 32768 <= udp.sport <= 60999,
+             "udp_len": udp.len, "udp_csum_nonzero": udp.chksum != 0,
+             "udp_csum_valid": udp.chksum == 0 or in4_chksum(17, ip, raw) == 0,
+             "vxlan_flags": hdr[0], "vxlan_reserved": hdr[1:4].hex() + hdr[7:8].hex(),
+             "vni": int.from_bytes(hdr[4:7], "big"), "inner_eth_src": c.role(inner.src),
+             "inner_eth_dst": c.role(inner.dst), "inner_len": len(raw) - 16}
+        out.append((d, inner))
+    return out
+
+
+def inner_summary(c, inner) -> dict:
+    """The inner frame of a VXLAN datagram: IP summary plus TOS, DF, fragment fields (no IDs)."""
+    from scapy.layers.inet import IP
+    if IP not in inner:
+        return {"type": hex(inner.type)}
+    d = ip_summary(c, inner)
+    ip = inner[IP]
+    d.update(tos=ip.tos, df=bool(ip.flags.DF), mf=bool(ip.flags.MF), frag_off=ip.frag * 8, len=ip.len)
+    return d
