@@ -1,3 +1,3 @@
 """The scenarios, one module per part of kernel-dataplane-spec.md; importing registers them."""
 
-from . import arp, bridge, overlay, router, services  # noqa: F401
+from . import arp, bridge, overlay, router, router_more, services  # noqa: F401

@@ -62,7 +62,6 @@ def udp_to(frames: list, dport: int) -> list:
 def watch_underlay(c) -> None:
     """Make the ``underlay`` point see every frame crossing br0, not only what br0 floods or takes
     itself: PACKET_MR_PROMISC on its socket (dropped with the socket; idempotent)."""
-    import socket
     import struct
     if getattr(c, "_underlay_promisc", False):
         return
@@ -104,7 +103,7 @@ def vtep_roles(c) -> dict:
 
 def vxlan_packets(c, frames: list) -> list:
     """The VXLAN datagrams (UDP to 8472) among ``frames``, each as (outer description, inner Ether)."""
-    from scapy.layers.inet import IP, UDP, in4_chksum
+    from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
     out = []
     for f in frames:
@@ -118,13 +117,39 @@ def vxlan_packets(c, frames: list) -> list:
              "dst": role_ip(c, ip.dst), "ttl": ip.ttl, "tos": ip.tos, "df": bool(ip.flags.DF),
              "mf_or_offset": bool(ip.flags.MF) or ip.frag != 0, "ihl": ip.ihl, "ip_len": ip.len,
              "udp_dport": udp.dport, "sport": udp.sport, "sport_in_range": 32768 <= udp.sport <= 60999,
-             "udp_len": udp.len, "udp_csum_nonzero": udp.chksum != 0,
-             "udp_csum_valid": udp.chksum == 0 or in4_chksum(17, ip, raw) == 0,
+             "udp_len": udp.len, "udp_csum": _udp_csum_state(ip, udp, raw),
              "vxlan_flags": hdr[0], "vxlan_reserved": hdr[1:4].hex() + hdr[7:8].hex(),
              "vni": int.from_bytes(hdr[4:7], "big"), "inner_eth_src": c.role(inner.src),
              "inner_eth_dst": c.role(inner.dst), "inner_len": len(raw) - 16}
         out.append((d, inner))
     return out
+
+
+def _udp_csum_state(ip, udp, raw: bytes) -> str:
+    """'ok' (verifies, or holds the pseudo-header sum a checksum offload completes: what a veth or a
+    vnet-header TAP carries on this machine), 'zero' (none) or 'bad'."""
+    import struct
+    from scapy.layers.inet import in4_chksum
+    if udp.chksum == 0:
+        return "zero"
+    if in4_chksum(17, ip, raw) == 0:
+        return "ok"
+    s = sum(struct.unpack("!4H", bytes(map(int, ip.src.split("."))) + bytes(map(int, ip.dst.split("."))))) \
+        + 17 + len(raw)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return "ok" if udp.chksum in (s, 0xFFFF - s) else "bad"
+
+
+def probe_many(c, member: str, frames: list, watch, window: float = 1.0, until=None) -> dict:
+    """As ``c.probe`` for a burst: the whole frames (bytes) ``frames`` sent back to back from ``member``."""
+    from scapy.all import Ether
+    c.points.drain()
+    for fr in frames:
+        c.points.send(member, fr)
+    seen = c.points.watch(window, until=until)
+    return {p: [Ether(f) for d, f in seen[p] if not (p == member and d == "out")
+                and not (p != "underlay" and d == "out")] for p in watch}
 
 
 def inner_summary(c, inner) -> dict:
@@ -136,3 +161,39 @@ def inner_summary(c, inner) -> dict:
     ip = inner[IP]
     d.update(tos=ip.tos, df=bool(ip.flags.DF), mf=bool(ip.flags.MF), frag_off=ip.frag * 8, len=ip.len)
     return d
+
+
+def watch_timed(c, seconds: float, stop=None, start: Optional[float] = None) -> list:
+    """Frames arriving at every point for up to ``seconds`` (or until ``stop(events)`` is true), as
+    ``(t, point, frame)`` with ``t`` the seconds since ``start`` (a time.monotonic() value, by
+    default the call) and ``frame`` dissected by scapy; what a namespace sent itself is left out,
+    as Cluster.probe does."""
+    import time
+
+    from scapy.all import Ether
+    start = time.monotonic() if start is None else start
+    events: list = []
+    while True:
+        left = seconds - (time.monotonic() - start)
+        if left <= 0:
+            return events
+        got = c.points.watch(left, until=lambda s: any(s.values()))
+        t = round(time.monotonic() - start, 3)
+        for point, frames in got.items():
+            events.extend((t, point, Ether(f)) for d, f in frames if d != "out" or point == "underlay")
+        if stop is not None and stop(events):
+            return events
+
+
+def arp_summary(c, f, names: Optional[dict] = None) -> dict:
+    """An ARP frame's Ethernet and ARP fields as roles (``names`` maps test MACs to labels)."""
+    from scapy.layers.l2 import ARP
+    names = {k.lower(): v for k, v in (names or {}).items()}
+
+    def mac(m: str) -> str:
+        m = m.lower()
+        return names.get(m) or ("zero" if m == "00:00:00:00:00:00" else c.role(m))
+    a = f[ARP]
+    return {"op": a.op, "eth_src": mac(f.src), "eth_dst": mac(f.dst), "hwsrc": mac(a.hwsrc),
+            "psrc": role_ip(c, a.psrc), "hwdst": mac(a.hwdst), "pdst": role_ip(c, a.pdst),
+            "hwtype": a.hwtype, "ptype": a.ptype, "len": len(bytes(f))}
