@@ -70,3 +70,15 @@ def make_lab(tmp_path) -> Iterator[Callable[[dict], dict]]:
         yield up
     finally:
         _down_if_up()
+
+
+def service_manifest(name: str, vip: str, port: int, target: int, proto: str, endpoint: str,
+                     node: str = "n1") -> str:
+    """YAML of a one-port ClusterIP Service and its EndpointSlice with one ready endpoint."""
+    return yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+         "spec": {"clusterIP": vip, "ports": [{"port": port, "targetPort": target, "protocol": proto}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": f"{name}-1", "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
+         "addressType": "IPv4", "ports": [{"port": target, "protocol": proto}],
+         "endpoints": [{"addresses": [endpoint], "nodeName": node}]}])

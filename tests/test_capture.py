@@ -18,6 +18,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
+from conftest import service_manifest
 from vswitch import SimNode, capture
 
 P1, P2, P3 = "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"
@@ -34,19 +35,7 @@ CONFIG = {"name": "n1",
                      "routes": ["10.244.2.0/24 via 192.168.1.12", "blackhole 10.9.0.0/16"]},
           "nat": {"clusterCIDR": "10.244.0.0/16"}}
 
-DNS = f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: dns, namespace: default}}
-spec: {{clusterIP: {VIP_DNS}, ports: [{{port: 53, targetPort: 5353, protocol: UDP}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: dns-1, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}
-addressType: IPv4
-ports: [{{port: 5353, protocol: UDP}}]
-endpoints: [{{addresses: [{REMOTE_EP}], nodeName: n2}}]
-"""
+DNS = service_manifest("dns", VIP_DNS, 53, 5353, "UDP", REMOTE_EP, node="n2")
 
 needs_tcpdump = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="filter expressions need tcpdump")
 

@@ -21,6 +21,7 @@ from scapy.packet import Raw
 from scapy.utils import wrpcap
 
 from router.interface import stable_mac
+from conftest import service_manifest
 from vswitch import SimNode
 from vswitch.cli import main
 from vswitch.pcapng import PcapngWriter
@@ -38,19 +39,7 @@ T0 = 1_700_000_000.0
 
 def write_config(tmp_path) -> str:
     services = tmp_path / "services.yaml"
-    services.write_text(f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: dns, namespace: default}}
-spec: {{clusterIP: {VIP}, ports: [{{port: 53, targetPort: 5353, protocol: UDP}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: dns-1, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}
-addressType: IPv4
-ports: [{{port: 5353, protocol: UDP}}]
-endpoints: [{{addresses: [{POD2}], nodeName: n1}}]
-""")
+    services.write_text(service_manifest("dns", VIP, 53, 5353, "UDP", POD2))
     cfg = {"name": "n1",
            "ports": [{"name": "p1", "type": "tap"}, {"name": "p2", "type": "tap"},
                      {"name": "up", "type": "afpacket"}],

@@ -32,6 +32,7 @@ from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
 
 from router.interface import stable_mac
+from conftest import service_manifest
 from vswitch import Emitted, Result, SimNode
 from vswitch.config import parse
 
@@ -59,31 +60,8 @@ def config(nat: bool = True, **extra) -> dict:
 
 
 # web: TCP 80 -> POD2:8080 (same bridge); dns: UDP 53 -> REMOTE_EP:5353 (behind the uplink)
-SERVICES = f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec: {{clusterIP: {VIP}, ports: [{{port: 80, targetPort: 8080, protocol: TCP}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{port: 8080, protocol: TCP}}]
-endpoints: [{{addresses: [{POD2}], nodeName: n1}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: dns, namespace: default}}
-spec: {{clusterIP: {VIP_DNS}, ports: [{{port: 53, targetPort: 5353, protocol: UDP}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: dns-1, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}
-addressType: IPv4
-ports: [{{port: 5353, protocol: UDP}}]
-endpoints: [{{addresses: [{REMOTE_EP}], nodeName: n2}}]
-"""
+SERVICES = (service_manifest("web", VIP, 80, 8080, "TCP", POD2) + "---\n" +
+            service_manifest("dns", VIP_DNS, 53, 5353, "UDP", REMOTE_EP, node="n2"))
 
 
 @pytest.fixture
