@@ -158,11 +158,7 @@ def cmd_capture(args) -> int:
     """`vswitch capture`: a running node's packets at each stage, to pcapng or printed with scapy."""
     import time
     from .bpf import five_tuple
-    if args.node is None and args.socket is None and args.port:
-        from .lab import state
-        pod = ((state() or {}).get("pods") or {}).get(args.port[0])
-        args.node = pod["node"] if pod else None
-    sock = _socket(args)
+    sock = _socket_for_port(args, args.port[0] if args.port else None)
     parts = [" ".join(args.expr)] if args.expr else []
     tuple_args = {k: getattr(args, k) for k in ("proto", "src", "dst", "sport", "dport", "host")}
     if any(v is not None for v in tuple_args.values()):
@@ -253,14 +249,18 @@ def cmd_conformance(args) -> int:
 
 
 def _trace_target(args) -> tuple:
-    """(port, control socket); in a lab a pod's name stands for the node port its eth0 is on."""
-    if args.node is None and args.socket is None:
+    """(port, control socket) of `vswitch trace`."""
+    return args.inp, _socket_for_port(args, args.inp)
+
+
+def _socket_for_port(args, port: Optional[str]) -> str:
+    """The control socket; in a lab without --node/--socket, a pod's name picks the node its eth0 is on."""
+    if args.node is None and args.socket is None and port:
         from .lab import state
-        st = state()
-        pod = (st or {}).get("pods", {}).get(args.inp)
+        pod = ((state() or {}).get("pods") or {}).get(port)
         if pod is not None:
             args.node = pod["node"]
-    return args.inp, _socket(args)
+    return _socket(args)
 
 
 def cmd_lab(args) -> int:

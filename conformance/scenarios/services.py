@@ -338,31 +338,27 @@ def svc_invalid_tcp_dropped(c):
 
 # --- NodePort --------------------------------------------------------------------------------------
 
+def _nodeport(c, node: str, sport: int) -> dict:
+    """ext -> NODE:30080 (endpoint a2 on node1); ext has no socket for the SYN-ACK: its RST closes the entry."""
+    with _echo("a2"):
+        seen = c.probe("ext", _syn(c, "ext", c.ip(node), sport, NODE_PORT), watch=["ext", "a2"], window=3,
+                       dst_mac=_node_mac(c, node), until=_has("ext", lambda fs: _tcp(fs, dport=sport)))
+        rows = _ct_until(c, node, "tcp", "ext", sport, "CLOSE", masked={("reply", "dport")})
+    return {"at_a2": [_seg(c, f, sport=sport) for f in _tcp(seen["a2"], dport=TARGET, flags="S")],
+            "back_at_ext": [_seg(c, f) for f in _tcp(seen["ext"], dport=sport)],
+            f"conntrack_{node}": rows}
+
+
 @scenario("hostgw", spec="items 24, 26, 29")
 def svc_nodeport_local_endpoint(c):
     """ext -> node1:30080: DNAT to a2:8080, masqueraded to node1's gateway address; SYN-ACK back from node1:30080."""
-    sport = 41020
-    with _echo("a2"):
-        seen = c.probe("ext", _syn(c, "ext", c.ip("node1"), sport, NODE_PORT), watch=["ext", "a2"], window=3,
-                       dst_mac=_node_mac(c, "node1"), until=_has("ext", lambda fs: _tcp(fs, dport=sport)))
-        # ext has no socket for the SYN-ACK: its RST closes the entry
-        rows = _ct_until(c, "node1", "tcp", "ext", sport, "CLOSE", masked={("reply", "dport")})
-    return {"at_a2": [_seg(c, f, sport=sport) for f in _tcp(seen["a2"], dport=TARGET, flags="S")],
-            "back_at_ext": [_seg(c, f) for f in _tcp(seen["ext"], dport=sport)],
-            "conntrack_node1": rows}
+    return _nodeport(c, "node1", 41020)
 
 
 @scenario("hostgw", spec="items 24, 26, 29")
 def svc_nodeport_remote_endpoint(c):
     """ext -> node2:30080, endpoint a2 on node1: masqueraded to node2's address; SYN-ACK back via node2."""
-    sport = 41021
-    with _echo("a2"):
-        seen = c.probe("ext", _syn(c, "ext", c.ip("node2"), sport, NODE_PORT), watch=["ext", "a2"], window=3,
-                       dst_mac=_node_mac(c, "node2"), until=_has("ext", lambda fs: _tcp(fs, dport=sport)))
-        rows = _ct_until(c, "node2", "tcp", "ext", sport, "CLOSE", masked={("reply", "dport")})
-    return {"at_a2": [_seg(c, f, sport=sport) for f in _tcp(seen["a2"], dport=TARGET, flags="S")],
-            "back_at_ext": [_seg(c, f) for f in _tcp(seen["ext"], dport=sport)],
-            "conntrack_node2": rows}
+    return _nodeport(c, "node2", 41021)
 
 
 @scenario("hostgw", spec="item 28")
