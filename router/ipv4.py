@@ -49,6 +49,7 @@ MIN_MTU = 68  # RFC 791: every module must forward a 68-byte datagram unfragment
 IPOPT_COPY = 0x80
 IPOPT_END = 0
 IPOPT_NOOP = 1
+IPOPT_RR = 7  # record route
 
 # parse_ipv4 failure reasons as (reason, human text); a stage can list them in its ``drops``.
 PARSE_REASONS = (
@@ -277,6 +278,36 @@ def is_martian_src(addr: int, *, route_localnet: bool = False) -> bool:
 def is_martian_dst(addr: int, *, route_localnet: bool = False) -> bool:
     """Destination addresses ip_route_input_slow drops as martian: 0.0.0.0/8, 127.0.0.0/8."""
     return is_zeronet(addr) or (is_loopback(addr) and not route_localnet)
+
+
+# --- options -----------------------------------------------------------------
+
+def rr_option(buf, off: int, hlen: int):
+    """Offset in ``buf`` of the header's record-route option if it has a free slot, else None.
+
+    ip_options_compile's IPOPT_RR: a router records only when the pointer
+    (1-based, >= 4) leaves a whole 4-byte slot inside the option; a full
+    option (pointer past its length) is forwarded as it is. A malformed list
+    (or a malformed RR, which the kernel answers with ICMP 12) gives None.
+    """
+    i, end = off + IPV4_HLEN, off + hlen
+    while i < end:
+        t = buf[i]
+        if t == IPOPT_END:
+            return None
+        if t == IPOPT_NOOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            return None
+        olen = buf[i + 1]
+        if olen < 2 or olen > end - i:
+            return None
+        if t == IPOPT_RR:
+            ptr = buf[i + 2] if olen >= 3 else 0
+            return i if 4 <= ptr and ptr + 3 <= olen else None
+        i += olen
+    return None
 
 
 # --- fragmentation -----------------------------------------------------------

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import struct
 
-from vswitch.packet import ETH_DST, ETH_P_ARP, ETH_P_IP, ETH_SRC, ETH_TYPE, VNET_LEN, ZERO_VNET, Packet, mac_str
+from vswitch.packet import (ETH_DST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_SRC, ETH_TYPE,
+                            VNET_F_NEEDS_CSUM, VNET_HDR, VNET_LEN, ZERO_VNET, Packet, mac_str)
 from vswitch.stage import FLOW_NOOP, Stage
 
 from . import arp
 from .fib import BLACKHOLE, PROHIBIT, UNREACHABLE
 from .icmp import SUPPRESS_REASONS, build_error, echo_reply, should_send_error
 from .ipv4 import (IP_DF, IP_FRAG, PARSE_REASONS, PROTO_ICMP, PROTO_TCP, PROTO_UDP, checksum, dec_ttl,
-                   fragment, ip_str, is_lbcast, is_martian_dst, is_martian_src, is_multicast, parse_ipv4)
+                   fragment, ip_str, is_lbcast, is_loopback, is_martian_dst, is_martian_src, is_multicast,
+                   parse_ipv4, rr_option, set_ip_checksum)
 from .neigh import SEND_NOW
 from .router import Router
 
@@ -123,7 +125,7 @@ class L3Input(RouterStage):
     name = "l3-input"
     next_names = ("arp-input", "ip4-input")
     drops = {"other-host": "unicast to another MAC (seen in promiscuous mode)",
-             "not-ip": "neither IPv4 nor ARP (IPv6, VLAN-tagged, other)"}
+             "not-ip": "neither IPv4 nor ARP (IPv6, tagged with a VLAN ID, other)"}
 
     def on_bind(self, graph) -> None:
         self.arp = graph.stages["arp-input"]
@@ -137,6 +139,8 @@ class L3Input(RouterStage):
         if not buf[ETH_DST] & 1 and buf[ETH_DST:ETH_DST + 6] != iface.mac:
             return self.drop(pkt, "other-host")
         etype = (buf[ETH_TYPE] << 8) | buf[ETH_TYPE + 1]
+        if (etype == ETH_P_8021Q or etype == ETH_P_8021AD) and _vid0(buf):
+            buf, etype = _strip_priority_tags(pkt)
         pkt.l3 = L3
         if etype == ETH_P_IP:
             return self.ip
@@ -155,30 +159,80 @@ class L3Input(RouterStage):
         return f"on router interface {rec['iface']}, ethertype {rec['type']}"
 
 
+def _vid0(buf) -> bool:
+    """An 802.1Q/802.1ad tag with VLAN ID 0 (a priority tag) follows the MACs."""
+    return len(buf) >= ETH_TYPE + 6 and not (buf[ETH_TYPE + 2] & 0x0F or buf[ETH_TYPE + 3])
+
+
+def _strip_priority_tags(pkt):
+    """Remove VID 0 tags, as __netif_receive_skb_core does for a device with no VLAN 0 upper
+    device (cni0): the tag is taken off (skb_vlan_untag), a VID 0 tag is simply cleared, and if
+    another tag follows it is untagged in turn (check_vlan_id). The priority bits are ignored.
+    A tag with a VLAN ID stays (PACKET_OTHERHOST: l3-input drops it as not-ip).
+    The packet gets a new buffer (a flood shares the old one); the virtio-net header's offsets
+    move back with the payload, as afpacket's restore_vlan moves them forward."""
+    buf = bytearray(pkt.buf)
+    n = 0
+    while ((buf[ETH_TYPE] << 8) | buf[ETH_TYPE + 1]) in (ETH_P_8021Q, ETH_P_8021AD) and _vid0(buf):
+        del buf[ETH_TYPE:ETH_TYPE + 4]
+        n += 4
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(buf, 0)
+    if flags & VNET_F_NEEDS_CSUM:
+        csum_start -= n
+    if hdr_len:
+        hdr_len -= n
+    VNET_HDR.pack_into(buf, 0, flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+    pkt.buf = buf
+    return buf, (buf[ETH_TYPE] << 8) | buf[ETH_TYPE + 1]
+
+
 class ArpInput(RouterStage):
     """Answers requests for our addresses and feeds the neighbour table (arp_process)."""
 
     name = "arp-input"
     drops = {"arp-short": "ARP packet truncated", "arp-not-ipv4": "ARP for another hardware/protocol",
-             "arp-bad-op": "ARP opcode neither request nor reply"}
+             "arp-bad-op": "ARP opcode neither request nor reply",
+             "arp-bad-target": "target address is multicast or loopback (arp_process ignores it)"}
 
     def process(self, pkt):
         a = arp.parse(pkt.buf)
         if isinstance(a, str):
             return self.drop(pkt, a)
-        iface, r = pkt.iface, self.router
-        # arp_ignore=0: any of our addresses is answered on any interface
-        for_us = a.tpa in r.local or (iface.proxy_arp and not iface.on_link(a.tpa) and a.spa != a.tpa)
+        # arp_process drops these before anything else, the neighbour table untouched (loopback
+        # unless route_localnet, which vswitch never sets: see docs/conformance.md)
+        if is_multicast(a.tpa) or is_loopback(a.tpa):
+            return self.drop(pkt, "arp-bad-target")
+        iface = pkt.iface
+        for_us = self._for_us(iface, a)
         answer = a.op == arp.OP_REQUEST and for_us
         pkt.note = (a, answer)
         if pkt.dry_run:
             return None
         if answer:
             self.io.emit(iface, bytearray(ZERO_VNET + arp.reply(iface.mac, a)), pkt.ts)
-        actions = r.neigh.on_arp(iface.name, a.spa, a.sha, is_reply=a.op == arp.OP_REPLY,
-                                 is_gratuitous=a.gratuitous, for_us=for_us)
+        actions = self.router.neigh.on_arp(iface.name, a.spa, a.sha, is_reply=a.op == arp.OP_REPLY,
+                                           is_gratuitous=a.gratuitous, for_us=for_us)
         self.io.perform(actions, pkt.ts)
         return None
+
+    def _for_us(self, iface, a) -> bool:
+        """Would arp_process answer a request for ``a.tpa`` from ``a.spa`` (arp_ignore=0, arp_filter=0)?"""
+        r = self.router
+        owner = r.local.get(a.tpa)
+        if owner is not None and owner is r.host and iface is not r.host:
+            # the host port's addresses (169.254.1.1) only exist on vswitch's link to the node's
+            # own stack; a kernel node has no such address, so nobody else is answered for them
+            owner = None
+        if a.spa == 0:  # a DAD probe (RFC 5227): answered for our own addresses only
+            return owner is not None
+        # ip_route_input_noref(tip, sip): the sender must pass ip_route_input_slow's source checks
+        # (multicast, limited broadcast, 0/8, loopback) and fib_validate_source, which refuses a
+        # sender that is one of our own addresses (accept_local=0). Not on the host port: the
+        # node's own stack behind it shares our addresses and asks from them.
+        if is_martian_src(a.spa) or (a.spa in r.local and iface is not r.host):
+            return False
+        # arp_ignore=0: any of our addresses is answered on any interface
+        return owner is not None or (iface.proxy_arp and not iface.on_link(a.tpa) and a.spa != a.tpa)
 
     def trace_record(self, pkt) -> dict:
         if not isinstance(pkt.note, tuple):
@@ -377,7 +431,9 @@ class Ip4Forward(RouterStage):
     name = "ip4-forward"
     drops = {"ttl-exceeded": "TTL <= 1 (time exceeded sent)",
              "frag-needed": "longer than the egress MTU with DF (frag-needed sent)",
-             "gso-over-mtu": "offloaded super-frame without DF whose segments exceed the MTU"}
+             "gso-over-mtu": "offloaded super-frame without DF whose segments exceed the MTU",
+             "redirect-new-conn": "redirect about a connection's first packet not sent (the packet is still "
+                                  "forwarded; nf_nat_icmp_reply_translation drops it: NAT not set up yet)"}
 
     def __init__(self, router: Router, io: RouterIO, after: str = "ip4-rewrite") -> None:
         super().__init__(router, io)
@@ -421,6 +477,8 @@ class Ip4Forward(RouterStage):
                 (pkt.nh == h.dst or out.on_link(pkt.nh)) and not pkt.dry_run and \
                 self.router.redirects.allow(h.src):
             self._redirect(pkt)
+        if h.ihl > 5 and not local and not pkt.dry_run and pkt.route is not None:  # ip_forward_finish
+            _record_route(buf, pkt.l3, h.hlen, self.router.pref_src(pkt.route, h.dst))
         if frags:
             pkt.buf = fragment(buf, pkt.l3, mtu)  # a list: ip4-rewrite sends every piece
         pkt.note = ("fragmented" if frags else "forwarded", h.ttl if local else h.ttl - 1)
@@ -444,6 +502,16 @@ class Ip4Forward(RouterStage):
         return forwardable, (None if local else _dec_ttl)
 
     def _redirect(self, pkt) -> None:
+        ct = pkt.ct
+        if type(ct) is tuple and len(ct) == 3 and ct[2]:
+            # The packet's conntrack entry is new, unconfirmed (nat-prerouting's (conn, dir, new)).
+            # The kernel attaches it to the redirect as RELATED (icmp_glue_bits -> nf_ct_attach),
+            # and the nat table's OUTPUT hook (nf_nat_ipv4_local_fn -> nf_nat_icmp_reply_translation)
+            # drops a redirect whose entry lacks IPS_NAT_DONE_MASK: SRC_NAT_DONE only comes at
+            # POSTROUTING, after ip_forward sent it. So a flow's first packet never gets a redirect
+            # on a node with a nat table, while ip_rt_send_redirect has already counted it.
+            self.drop_counts["redirect-new-conn"] += 1
+            return
         copy = Packet(bytearray(pkt.buf), pkt.in_port, pkt.ts)
         copy.l3, copy.iface, copy.ct = pkt.l3, pkt.iface, pkt.ct  # a NAT hook drops it for NATed flows
         copy.icmp = (REDIRECT, 1, pkt.nh, False)
@@ -460,6 +528,20 @@ class Ip4Forward(RouterStage):
             t, c = rec["icmp"]
             return f"cannot forward: {ICMP_NAMES.get((t, c), f'icmp {t}/{c}')}"
         return f"{rec['action']} out {rec['egress']} (mtu {rec['mtu']}), ttl now {rec['ttl']}"
+
+
+def _record_route(buf, l3: int, hlen: int, addr) -> None:
+    """ip_forward_options for record route: the option's next free slot gets the address this
+    router sends from on the egress route (ip_rt_get_source: its preferred source), the pointer
+    moves on by 4 (ip_options_compile) and the header checksum is redone (ip_send_check).
+    A full option stays as it is; a malformed one too (the kernel would answer ICMP 12)."""
+    o = rr_option(buf, l3, hlen)
+    if o is None or addr is None:
+        return
+    ptr = buf[o + 2]  # 1-based, from the option's first byte
+    buf[o + ptr - 1:o + ptr + 3] = addr.to_bytes(4, "big")
+    buf[o + 2] = ptr + 4
+    set_ip_checksum(buf, l3)
 
 
 def _finish_tunnelled_checksum(buf, l4: int, end: int) -> None:

@@ -558,3 +558,24 @@ def test_echo_reply_drops_options_and_padding():
 ])
 def test_echo_reply_refuses(req):
     assert echo_reply(req, ip_int(RTR)) is None
+
+
+# --- record route (ip_options_compile's IPOPT_RR checks) --------------------------------------------
+
+def _hdr(opts: bytes) -> bytes:
+    assert len(opts) % 4 == 0
+    return bytes([0x45 + len(opts) // 4]) + bytes(19) + opts
+
+
+@pytest.mark.parametrize("opts,at", [
+    (bytes([7, 11, 4]) + bytes(8) + b"\0", 20),            # two free slots
+    (bytes([1, 7, 7, 4]) + bytes(4), 21),                  # after a NOP, one free slot
+    (bytes([7, 11, 8]) + bytes(8) + b"\0", 20),            # the second slot is free
+    (bytes([7, 11, 12]) + bytes(8) + b"\0", None),         # full: forwarded as it is
+    (bytes([7, 10, 8]) + bytes(7) + b"\0\0", None),        # a partial slot (the kernel: ICMP 12)
+    (bytes([7, 11, 3]) + bytes(8) + b"\0", None),          # pointer below 4 (ICMP 12)
+    (bytes([0, 7, 11, 4]) + bytes(8), None),               # after the end of the list
+    (bytes([0x94, 4, 0, 0]), None),                        # router alert only
+])
+def test_rr_option(opts, at):
+    assert ipv4.rr_option(_hdr(opts), 0, 20 + len(opts)) == at

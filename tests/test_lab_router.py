@@ -251,7 +251,30 @@ def test_host_stack_and_pods_reach_each_other(make_lab):
     assert received(res) == 2, res.stdout + res.stderr
     tcp = iperf3("a1", "node1", a1, 1)  # server in the pod, client in node1's host stack
     assert tcp["end"]["sum_received"]["bits_per_second"] > 0
-    assert tcp["start"]["connected"][0]["local_host"] == NODE1, tcp["start"]["connected"]
+    # from the gateway address, as a kernel node's `PODCIDR dev cni0 src GATEWAY` route picks it
+    assert tcp["start"]["connected"][0]["local_host"] == GW1, tcp["start"]["connected"]
+
+
+def test_host_stack_sources_pod_traffic_from_the_gateway_like_a_kernel_node(make_lab):
+    st = make_lab(topology("hostsrc", "kernel"))
+
+    def src(node: str, pod: str) -> str:
+        res = pexec(node, "ip", "-o", "route", "get", st["pods"][pod]["ip"])
+        assert res.returncode == 0, res.stderr
+        return res.stdout.split(" src ")[1].split()[0]
+    assert src("node2", "b1") == GW2  # kernel reference
+    assert src("node1", "a1") == GW1
+
+
+def test_service_cidr_is_routed_to_the_underlay_like_a_kernel_node(make_lab):
+    make_lab(topology("svcroute", "kernel"))
+    res = cli("show", "routes", "--node", "node1")
+    assert "10.96.0.0/12 dev uplink scope link src 192.168.1.11" in \
+        [line.strip() for line in res.stdout.splitlines()], res.stdout
+    # an address no Service has: routed to the underlay, unanswered ARP, host unreachable (kube-proxy's
+    # node masquerades pod traffic leaving the cluster, so the error comes from the node address)
+    assert icmp_errors(ping("b1", "10.96.0.99", wait=5)) == [(NODE2, "Destination Host Unreachable")]
+    assert icmp_errors(ping("a1", "10.96.0.99", wait=5)) == [(NODE1, "Destination Host Unreachable")]
 
 
 # --- show routes / neigh -----------------------------------------------------------------------------

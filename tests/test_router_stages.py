@@ -19,13 +19,14 @@ from __future__ import annotations
 import struct
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, defragment
+from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
 from vswitch.config import ConfigError, parse
 from vswitch.node import Node
-from vswitch.packet import VNET_LEN
+from router.stages import _strip_priority_tags
+from vswitch.packet import VNET_HDR, VNET_LEN, Packet
 
 P1, P2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
 POD1, POD2 = "10.244.1.2", "10.244.1.3"
@@ -61,9 +62,9 @@ class Clock:
 class Rig:
     """A started node, its clock and shorthands for frames in and out."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: dict | None = None) -> None:
         self.clock = Clock()
-        self.n = Node(parse(config()), clock=self.clock)
+        self.n = Node(parse(cfg or config()), clock=self.clock)
         self.n.start(None)
         self.rmac = self.n.router.ifaces["pods"].mac.hex(":")
         self.umac = self.n.router.ifaces["uplink"].mac.hex(":")
@@ -844,3 +845,178 @@ def test_valid_config_builds_routes():
     assert "10.244.2.0/24 via 192.168.1.12 dev uplink" in texts  # dev filled in from the gateway's subnet
     assert "blackhole 10.9.0.0/16" in texts
     assert "10.244.1.0/24 dev pods proto kernel scope link src 10.244.1.1" in texts
+
+
+# --- priority tags (VID 0) at l3-input ------------------------------------------------------------------
+
+def test_priority_tagged_echo_to_gateway_is_answered_untagged(rig):
+    rig.pod_arps()
+    rig.inject("p1", Ether(src=P1, dst=rig.rmac) / Dot1Q(vlan=0, prio=5) / IP(src=POD1, dst=RTR_PODS) /
+               ICMP(type=8, id=7, seq=1) / Raw(b"prio"))
+    (f,) = only(rig.take("p1"))
+    # __netif_receive_skb_core clears a VID 0 tag on cni0; the reply is an ordinary untagged frame
+    assert Dot1Q not in f and f.type == 0x0800
+    assert (f.src, f.dst, f[IP].src, f[IP].dst, f[ICMP].type, f[ICMP].id) == (rig.rmac, P1, RTR_PODS, POD1, 0, 7)
+    assert bytes(f[ICMP].payload) == b"prio"
+
+
+def test_priority_tagged_arp_broadcast_is_answered_and_flooded_unchanged(rig):
+    req = Ether(src=P1, dst=BCAST) / Dot1Q(vlan=0) / ARP(op=1, hwsrc=P1, psrc=POD1, pdst=RTR_PODS)
+    rig.inject("p1", req)
+    out = rig.take_all()
+    assert out["p2"] == [bytes(req)]  # the bridge floods the tag as it came; only the router's copy loses it
+    (reply,) = out["p1"]
+    assert reply == bytes(Ether(src=rig.rmac, dst=P1) / ARP(op=2, hwsrc=rig.rmac, psrc=RTR_PODS, hwdst=P1,
+                                                           pdst=POD1))
+
+
+@pytest.mark.parametrize("tags", [[10], [0, 10], [5]])
+def test_frames_tagged_with_a_vlan_id_are_not_for_the_router(rig, tags):
+    rig.pod_arps()
+    frame = Ether(src=P1, dst=rig.rmac)
+    for vid in tags:
+        frame = frame / Dot1Q(vlan=vid)
+    rig.inject("p1", frame / IP(src=POD1, dst=RTR_PODS) / ICMP(type=8, id=8, seq=1))
+    assert rig.take_all() == {"p1": [], "p2": [], "up": []}
+    assert rig.drops("l3-input", "not-ip") == 1
+
+
+def test_two_priority_tags_are_both_stripped(rig):
+    rig.pod_arps()
+    rig.inject("p1", Ether(src=P1, dst=rig.rmac) / Dot1Q(vlan=0, type=0x8100) / Dot1Q(vlan=0) /
+               IP(src=POD1, dst=RTR_PODS) / ICMP(type=8, id=9, seq=1))
+    (f,) = only(rig.take("p1"))
+    assert f[ICMP].type == 0 and f[ICMP].id == 9
+
+
+def test_stripping_a_priority_tag_moves_the_vnet_offsets_back():
+    frame = bytes(Ether(src=P1, dst=P2) / Dot1Q(vlan=0) / IP(src=POD1, dst=POD2) / UDP(sport=1, dport=2))
+    # NEEDS_CSUM: csum_start at the UDP header (14 + 4 + 20), the checksum field 6 bytes in
+    pkt = Packet(bytearray(VNET_HDR.pack(1, 0, 46, 0, 38, 6) + frame))
+    buf, etype = _strip_priority_tags(pkt)
+    assert etype == 0x0800 and pkt.buf is buf
+    assert VNET_HDR.unpack_from(buf, 0) == (1, 0, 42, 0, 34, 6)
+    assert bytes(buf[VNET_LEN:]) == frame[:12] + frame[16:]
+
+
+# --- arp_process: which requests are answered -------------------------------------------------------------
+
+@pytest.mark.parametrize("sender", ["127.0.0.1", "224.0.0.5", "255.255.255.255", "0.1.2.3", RTR_PODS, RTR_UP])
+def test_arp_request_from_martian_or_own_sender_is_not_answered(rig, sender):
+    rig.inject("p1", Ether(src=P1, dst=BCAST) / ARP(op=1, hwsrc=P1, psrc=sender, pdst=RTR_PODS))
+    assert rig.take_raw("p1") == []
+    assert rig.n.show("neigh") == []  # and the sender is not learned either (no neigh_event_ns)
+
+
+def test_arp_dad_probe_is_answered_to_zero_and_learns_nothing(rig):
+    rig.inject("p1", Ether(src=P1, dst=BCAST) / ARP(op=1, hwsrc=P1, psrc="0.0.0.0", pdst=RTR_PODS))
+    (reply,) = rig.take_raw("p1")
+    assert reply == bytes(Ether(src=rig.rmac, dst=P1) / ARP(op=2, hwsrc=rig.rmac, psrc=RTR_PODS, hwdst=P1,
+                                                           pdst="0.0.0.0"))
+    assert rig.n.show("neigh") == []
+
+
+def test_arp_request_from_unused_on_link_sender_is_answered(rig):
+    rig.inject("p1", Ether(src=P1, dst=BCAST) / ARP(op=1, hwsrc=P1, psrc="10.244.1.77", pdst=RTR_PODS))
+    (reply,) = rig.take_raw("p1")
+    assert Ether(reply)[ARP].pdst == "10.244.1.77"
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1", "127.1.2.3", "224.0.0.1"])
+def test_arp_request_for_loopback_or_multicast_target_is_ignored(rig, target):
+    rig.inject("p1", Ether(src=P1, dst=BCAST) / ARP(op=1, hwsrc=P1, psrc=POD1, pdst=target))
+    assert rig.take_raw("p1") == []
+    assert rig.drops("arp-input", "arp-bad-target") == 1
+
+
+def host_rig() -> Rig:
+    cfg = config()
+    cfg["ports"].append({"name": "h", "type": "memory"})
+    cfg["router"]["interfaces"] = [
+        {"name": "pods", "address": "10.244.1.1/24"},
+        {"name": "uplink", "port": "up", "address": "192.168.1.11/24", "mtu": 1400},
+        {"name": "host", "port": "h", "address": "169.254.1.1/30", "host": True}]
+    return Rig(cfg)
+
+
+def test_host_port_address_is_answered_only_on_the_host_port():
+    rig = host_rig()
+    hmac = rig.n.router.ifaces["host"].mac.hex(":")
+    rig.inject("p1", Ether(src=P1, dst=BCAST) / ARP(op=1, hwsrc=P1, psrc=POD1, pdst="169.254.1.1"))
+    assert rig.take_raw("p1") == []  # a kernel node has no such address: pods never learn it
+    rig.inject("up", Ether(src=GW_MAC, dst=BCAST) / ARP(op=1, hwsrc=GW_MAC, psrc=GW, pdst="169.254.1.1"))
+    assert rig.take_raw("up") == []
+    host = "02:00:00:00:09:09"
+    rig.inject("h", Ether(src=host, dst=BCAST) / ARP(op=1, hwsrc=host, psrc="169.254.1.2", pdst="169.254.1.1"))
+    (reply,) = rig.n.ports["h"].take()
+    assert Ether(reply)[ARP].psrc == "169.254.1.1" and Ether(reply).src == hmac
+    # the node's stack shares the router's addresses and asks from them (its own packets' source)
+    rig.inject("h", Ether(src=host, dst=BCAST) / ARP(op=1, hwsrc=host, psrc=RTR_PODS, pdst="169.254.1.1"))
+    (reply,) = rig.n.ports["h"].take()
+    assert Ether(reply)[ARP].pdst == RTR_PODS
+    # the node's other addresses are still answered on any interface (arp_ignore 0)
+    rig.inject("p1", Ether(src=P1, dst=BCAST) / ARP(op=1, hwsrc=P1, psrc=POD1, pdst=RTR_UP))
+    assert only(rig.take("p1"))[0][ARP].psrc == RTR_UP
+
+
+# --- redirects on a node with a nat table -----------------------------------------------------------------
+
+def test_no_redirect_for_a_connections_first_packet_with_nat():
+    cfg = config(routes=["10.50.0.0/16 via 192.168.1.12"])
+    cfg["nat"] = {"clusterCIDR": "10.244.0.0/16"}
+    rig = Rig(cfg)
+    rig.gw_arps()
+    rig.inject("up", Ether(src=PEER_MAC, dst=BCAST) / ARP(op=1, hwsrc=PEER_MAC, psrc=PEER, pdst=RTR_UP))
+    rig.take_all()
+
+    def send(sport):
+        rig.from_up(IP(src=PEER, dst="10.50.0.5") / UDP(sport=sport, dport=9) / Raw(b"r"))
+        out = rig.take("up")
+        assert [f[IP].dst for f in out if UDP in f and ICMP not in f] == ["10.50.0.5"]  # always forwarded
+        return [f for f in out if ICMP in f and f[ICMP].type == 5]
+
+    # the first packet creates the entry: nf_nat_icmp_reply_translation drops its redirect ...
+    assert send(4001) == []
+    assert rig.drops("ip4-forward", "redirect-new-conn") == 1
+    # ... after ip_rt_send_redirect counted it: 10 ms later the backoff (20 ms << 1) still holds
+    rig.clock.t += 0.010
+    assert send(4001) == []
+    rig.clock.t += 0.040
+    (r,) = send(4001)  # an established entry without NAT: the redirect goes out
+    assert (r[IP].dst, r[ICMP].code, r[ICMP].gw) == (PEER, 1, GW)
+    rig.clock.t += 0.5
+    assert send(4002) == []  # another flow's first packet: none again
+    assert rig.drops("ip4-forward", "redirect-new-conn") == 2
+
+
+# --- record route (ip_forward_options) -----------------------------------------------------------------
+
+def rr_opts(pointer=4, slots=2, nop=False):
+    opts = [IPOption_RR(pointer=pointer, routers=["0.0.0.0"] * slots)]
+    return [IPOption_NOP()] + opts if nop else opts
+
+
+@pytest.mark.parametrize("nop", [False, True])
+def test_record_route_gets_the_egress_address(rig, nop):
+    rig.pod_arps()
+    rig.gw_arps()
+    rig.from_pod(IP(src=POD1, dst=REMOTE, ttl=9, options=rr_opts(nop=nop)) / UDP(sport=1, dport=2) / Raw(b"rr"))
+    (f,) = only(rig.take("up"))
+    rr = [o for o in f[IP].options if o.option == 7][0]
+    assert (rr.pointer, rr.routers) == (8, [RTR_UP, "0.0.0.0"])  # the uplink route's source, next slot
+    assert f[IP].ttl == 8 and csum_ok(bytes(f[IP])) and bytes(f[Raw]) == b"rr"
+    # the other way, onto the bridge, one slot already used: the pods interface's address goes next
+    back = [IPOption_RR(pointer=8, routers=[GW, "0.0.0.0"])]
+    rig.from_up(IP(src=REMOTE, dst=POD1, options=back) / UDP(sport=2, dport=1), src_mac=GW_MAC)
+    (g,) = only(rig.take("p1"))
+    rr = [o for o in g[IP].options if o.option == 7][0]
+    assert (rr.pointer, rr.routers) == (12, [GW, RTR_PODS]) and csum_ok(bytes(g[IP]))
+
+
+def test_full_record_route_is_forwarded_unchanged(rig):
+    rig.pod_arps()
+    rig.gw_arps()
+    sent = IP(src=POD1, dst=REMOTE, ttl=9, options=rr_opts(pointer=8, slots=1)) / UDP(sport=1, dport=2)
+    rig.from_pod(sent)
+    (f,) = only(rig.take("up"))
+    assert bytes(f[IP])[20:28] == bytes(sent)[20:28] and csum_ok(bytes(f[IP]))

@@ -128,13 +128,16 @@ def _build(topo: Topology, st: dict, log) -> None:
         pods = [p for p in topo.pods if p.node == node.name]
         routes = [f"{o.pod_cidr} via {o.address.ip}" for o in topo.nodes
                   if o is not node and topo.backend == "host-gw"]
+        # the Service CIDR route every lab node has (see _program_services)
+        service_route = f"{topo.service_cidr} dev {{dev}} src {node.address.ip}"
         info = {"dataplane": node.dataplane, "address": str(node.address), "podCIDR": str(node.pod_cidr),
                 "gateway": str(node.gateway), "pid": None, "socket": None}
         st["nodes"][node.name] = info
         peers = [o for o in topo.nodes if o is not node] if topo.backend == "vxlan" else []
         if node.dataplane == "vswitch":
             overlay = _vswitch_overlay(node, peers, topo.underlay_mtu) if topo.backend == "vxlan" else None
-            _start_vswitch(node, pods, info, st, uports[node.name], topo.underlay_mtu, routes,
+            _start_vswitch(node, pods, info, st, uports[node.name], topo.underlay_mtu,
+                           routes + [service_route.format(dev="uplink")],
                            {"clusterCIDR": str(topo.pod_cidr), "manifests": [services_file]}, overlay)
             ip("link", "set", uports[node.name], "master", "br0", "up", netns=UNDERLAY)
             _configure_host_port(node)
@@ -142,7 +145,7 @@ def _build(topo: Topology, st: dict, log) -> None:
             _build_kernel_node(node, pods, routes)
             if topo.backend == "vxlan":
                 _kernel_vxlan(node, peers, topo.underlay_mtu)
-            _program_services(node, services_file, str(topo.pod_cidr), str(topo.service_cidr))
+            _program_services(node, services_file, str(topo.pod_cidr), service_route.format(dev="eth0"))
         for pod in pods:
             _configure_pod(pod, node, st)
         _save(st)
@@ -281,6 +284,10 @@ def _configure_host_port(node) -> None:
     ip("addr", "add", f"{node.gateway.ip}/32", "dev", "vsw0", netns=n)
     ip("route", "add", "default", "via", HOST_NET[0].split("/")[0], "dev", "vsw0", "src", str(node.address.ip),
        netns=n)
+    # A kernel node reaches its pods through cni0's connected route, `PODCIDR dev cni0 src GATEWAY`,
+    # so its own packets to pods (and the ARP requests they trigger) come from the gateway address.
+    ip("route", "add", str(node.pod_cidr), "via", HOST_NET[0].split("/")[0], "dev", "vsw0",
+       "src", str(node.gateway.ip), netns=n)
 
 
 def _build_kernel_node(node, pods, routes: list) -> None:
@@ -308,7 +315,7 @@ KUBE_PROXY_CONNTRACK = ("net.netfilter.nf_conntrack_tcp_timeout_established=8640
                         "net.netfilter.nf_conntrack_tcp_timeout_close_wait=3600")
 
 
-def _program_services(node, services_file: str, cluster_cidr: str, service_cidr: str) -> None:
+def _program_services(node, services_file: str, cluster_cidr: str, service_route: str) -> None:
     """What kube-proxy (iptables mode) and flannel's ip-masq program on a kernel node."""
     from nat.manifests import load_file
 
@@ -332,8 +339,8 @@ def _program_services(node, services_file: str, cluster_cidr: str, service_cidr:
     # A real node reaches the Service CIDR through its default route, so unanswered ClusterIP ports
     # get to FORWARD (REJECT) and the host's own connections get a route before OUTPUT's DNAT. The
     # lab underlay has no gateway: route only the Service CIDR, so other unrouted traffic still
-    # gets net unreachable.
-    ip("route", "add", service_cidr, "dev", "eth0", "src", str(node.address.ip), netns=n)
+    # gets net unreachable. vswitch nodes get the same route in their router (_build).
+    ip("route", "add", *service_route.split(), netns=n)
 
 
 def _configure_pod(pod, node, st: dict) -> None:
