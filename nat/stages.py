@@ -1,11 +1,14 @@
 """Conntrack and Service NAT as stages on netfilter's hooks (kube-proxy + flannel's ip-masq).
 
     ip4-input -> nat-prerouting -> ip4-route ...      conntrack, DNAT to an endpoint, un-SNAT of
-                                                      replies, RELATED ICMP errors, INVALID drops
-    ip4-forward -> nat-postrouting -> ip4-rewrite     confirm new entries, SNAT/masquerade,
-                                                      un-DNAT of replies
-    l2-learn -> nat-bridge -> l2-forward              br_netfilter: replies bridged from an endpoint
-                                                      to a client pod on the same node are un-DNATed
+                                                      replies, RELATED ICMP errors, INVALID marked
+    ip4-forward -> nat-postrouting -> ip4-rewrite     FORWARD (INVALID and Services without endpoints
+                                                      refused) and POSTROUTING: confirm new entries,
+                                                      SNAT/masquerade, un-DNAT of replies
+    nat-prerouting -> nat-bridged-dnat -> l2-forward  br_netfilter: DNATed onto the bridge it came
+                                                      from, a frame is bridged, not routed
+    l2-learn -> nat-bridge -> l2-forward              br_netfilter: frames bridged between pods are
+                                                      tracked (INVALID dropped, replies un-DNATed)
 
 Like the kernel, the destination is rewritten before routing and the source
 after it; a new entry is only confirmed (inserted) at nat-postrouting, so a
@@ -22,10 +25,12 @@ import random
 import struct
 from typing import Optional
 
-from router.ipv4 import (IP_DST, IP_SRC, PROTO_ICMP, PROTO_TCP, PROTO_UDP, ip_str, is_multicast, parse_ipv4,
-                         set_ip_checksum)
+from router.fib import UNICAST
+from router.ipv4 import (IP_DST, IP_SRC, PROTO_ICMP, PROTO_TCP, PROTO_UDP, ip_str, is_martian_src, is_multicast,
+                         parse_ipv4, set_ip_checksum)
+from router.neigh import SEND_NOW
 from router.stages import DEST_UNREACH, PORT_UNREACH, RouterStage
-from vswitch.packet import ETH_DST, VNET_LEN
+from vswitch.packet import ETH_DST, VNET_LEN, mac_str
 from vswitch.stage import FLOW_NOOP, Stage
 
 from . import tcpstate as tcp
@@ -39,6 +44,14 @@ ICMP_REDIRECT = 5
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 PORT_CLASSES = ((1, 511), (600, 1023), (1024, 65535))  # nf_nat_l4proto_unique_tuple
 INVALID = ("invalid",)  # pkt.ct of a packet conntrack found INVALID
+# pkt.ct of a new connection to a Service kube-proxy refuses in the filter table (REJECT without
+# endpoints, DROP without a local one): decided at PREROUTING, done in FORWARD (nat-postrouting)
+REJECTED, DROPPED = ("reject",), ("drop",)
+
+
+def tracked(ct) -> bool:
+    """pkt.ct holds (conn, direction, new), not one of the markers above."""
+    return ct is not None and len(ct) == 3
 
 
 class Nat:
@@ -109,6 +122,44 @@ class Nat:
         conn.bytes[d] += size
         return "ok"
 
+    def start(self, conn: Conn, flags: int, now: float, size: int) -> None:
+        """A new entry's state, timeout and first packet."""
+        proto = conn.orig[0]
+        if proto == PROTO_TCP:
+            conn.state = tcp.first_state(flags)
+            conn.refresh(now, tcp.timeout(conn.state, self.profile, seen_reply=False))
+        else:
+            conn.refresh(now, tcp.UDP_TIMEOUT if proto == PROTO_UDP else tcp.ICMP_TIMEOUT)
+        conn.packets[ORIGINAL] = 1
+        conn.bytes[ORIGINAL] = size
+
+    def local_pod(self, ip: int) -> bool:
+        """In this node's pod CIDR (flannel's $POD_CIDR): the subnet of a router interface on the bridge (cni0)."""
+        return any(i.port is None and i.on_link(ip) for i in self.router.ifaces.values())
+
+    def ip_masq(self, src: int, dst: int) -> bool:
+        """flannel --ip-masq (MasqRules, FLANNEL-POSTRTG), for a new connection kube-proxy did not mark:
+        nothing to this node's pods; pods to the cluster as they are; pods to the outside (not multicast)
+        and the outside to other nodes' pods (their replies must come back this way) masqueraded."""
+        c = self.cluster
+        if not self.masquerade or c is None or self.local_pod(dst):
+            return False
+        if in_cidr(src, c):
+            return not (in_cidr(dst, c) and self.local_pod(src)) and not is_multicast(dst)
+        return in_cidr(dst, c)
+
+    def unique_reply(self, conn: Conn) -> bool:
+        """nf_nat_alloc_null_binding: another connection already expects this reply, so the source port
+        moves (nf_nat_l4proto_unique_tuple); False if no port is free."""
+        r = conn.reply
+        if r not in self.ct.table:
+            return True
+        port = self.masq_port(r[0], r[3], r[4], r[1], r[2])
+        if port is None:
+            return False
+        conn.reply = (r[0], r[1], port, r[3], port) if r[0] == PROTO_ICMP else (r[0], r[1], r[2], r[3], port)
+        return True
+
     def masq_port(self, proto: int, src: int, sport: int, dst: int, dport: int) -> Optional[int]:
         """The source port after masquerading to ``src``: the original if free, else a free one of its class."""
         table = self.ct.table
@@ -171,6 +222,22 @@ def rewrite_src(buf, l3: int, h, ip: int, port: int) -> None:
     h.src = ip
 
 
+def rewrite_src_pieces(pkt, h, ip: int, port: int) -> None:
+    """rewrite_src for a packet ip4-forward already cut into fragments (the kernel fragments after
+    POSTROUTING): every piece gets the address, the first also the port; the L4 checksum, there,
+    covers the whole datagram and changes by the same delta."""
+    l3, pieces = pkt.l3, []
+    for p in pkt.buf:
+        p = bytearray(p)
+        partial = bool(p[0] & 1)
+        set_addr(p, l3, IP_SRC, ip, partial)
+        if not ((p[l3 + 6] & 0x1F) or p[l3 + 7]) and p[l3 + 9] in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
+            set_port(p, l3, True, port, partial)
+        pieces.append(p)
+    pkt.buf = pieces
+    h.src = ip
+
+
 def _fmt(t: tuple) -> str:
     if t[0] == PROTO_ICMP:
         return f"icmp {ip_str(t[1])} > {ip_str(t[3])} id {t[2]}"
@@ -189,13 +256,14 @@ class NatPrerouting(NatStage):
     """Conntrack lookup; a new connection to a Service gets its endpoint (DNAT); replies get un-SNATed."""
 
     name = "nat-prerouting"
-    next_names = ("ip4-route", "ip4-icmp-error")
+    next_names = ("ip4-route", "ip4-icmp-error", "nat-bridged-dnat")
     drops = {"l4-truncated": "TCP/UDP/ICMP header cut short",
              "no-local-endpoint": "traffic policy Local and no endpoint on this node"}
 
     def on_bind(self, graph) -> None:
         self.route = graph.stages["ip4-route"]
         self.icmp = graph.stages["ip4-icmp-error"]
+        self.bridged = graph.stages["nat-bridged-dnat"]
 
     def process(self, pkt):
         h, buf, l3 = pkt.ip, pkt.buf, pkt.l3
@@ -229,8 +297,24 @@ class NatPrerouting(NatStage):
         pkt.ct = (conn, d, False)
         to = conn.dst_rewrite(d)
         if to is not None:
+            dst = h.dst
             rewrite_dst(buf, l3, h, *to)
+            return self._bridge_or_route(pkt, h, dst)
         return self.route
+
+    def _bridge_or_route(self, pkt, h, dst0: int):
+        """br_nf_pre_routing_finish: a frame that came over the bridge and whose destination address
+        PREROUTING changed is bridged, not routed, when the new destination is reached over that same
+        bridge (br_nf_pre_routing_finish_bridge: TTL kept, the sender's MAC kept)."""
+        iface, r = pkt.iface, self.router
+        if h.dst == dst0 or iface.port is not None or pkt.buf[ETH_DST] & 1 or is_martian_src(h.src) \
+                or h.dst in r.local:
+            return self.route
+        route = r.fib.lookup(h.dst)
+        if route is None or route.type != UNICAST or route.dev != iface.name:
+            return self.route
+        pkt.route, pkt.out_iface, pkt.nh = route, iface, route.gateway or h.dst
+        return self.bridged
 
     def _forwarded(self, pkt, h) -> bool:
         """Forwarded (KUBE-FORWARD's business), not to or from the host stack, which tracks its own."""
@@ -268,11 +352,15 @@ class NatPrerouting(NatStage):
             external = how != "clusterIP"
             ep, why = sp.choose(h.src, external, client_in, now, lambda k: self.ct.endpoint_conns.get(k, 0)) \
                 if not pkt.dry_run else self._peek(sp, h, external, client_in, now)
-            if ep is REJECT:
-                pkt.note = ("reject", t, sp.key, how, why)
-                return self.to_icmp(pkt, DEST_UNREACH, PORT_UNREACH)
-            if ep is DROP:
-                pkt.note = ("drop", t, sp.key, how, why)
+            if ep is REJECT or ep is DROP:
+                # kube-proxy refuses these in the filter table: INPUT for our own addresses (nothing
+                # between here and there), FORWARD for the rest, after the TTL check and decrement
+                pkt.note = ("reject" if ep is REJECT else "drop", t, sp.key, how, why, not local)
+                if not local:
+                    pkt.ct = REJECTED if ep is REJECT else DROPPED
+                    return self.route
+                if ep is REJECT:
+                    return self.to_icmp(pkt, DEST_UNREACH, PORT_UNREACH)
                 return self.drop(pkt, "no-local-endpoint")
             conn.service, conn.endpoint = sp.key, (ep.ip, ep.port)
             conn.reply = (proto, ep.ip, ep.port, h.src, t[2])
@@ -283,19 +371,13 @@ class NatPrerouting(NatStage):
             else:  # policy Local keeps the client address (a pod client counts as internal)
                 conn.mark = sp.svc.external_traffic_policy == "Cluster"
             conn.mark |= ep.ip == h.src
-        if proto == PROTO_TCP:
-            conn.state = tcp.first_state(flags)
-            conn.refresh(now, tcp.timeout(conn.state, nat.profile, seen_reply=False))
-        elif proto == PROTO_UDP:
-            conn.refresh(now, tcp.UDP_TIMEOUT)
-        else:
-            conn.refresh(now, tcp.ICMP_TIMEOUT)
-        conn.packets[ORIGINAL] = 1
-        conn.bytes[ORIGINAL] = h.total_len
+        nat.start(conn, flags, now, h.total_len)
         pkt.ct = (conn, ORIGINAL, True)
         pkt.note = ("new", conn, how, why)
         if conn.dnat:
+            dst = h.dst
             rewrite_dst(buf, l3, h, conn.endpoint[0], conn.endpoint[1])
+            return self._bridge_or_route(pkt, h, dst)
         return self.route
 
     def _peek(self, sp, h, external, client_in, now):
@@ -316,10 +398,11 @@ class NatPrerouting(NatStage):
             return self._unrelated(pkt, h)
         conn, d = found
         pkt.note = ("related", conn, d)
+        dst = h.dst
         translate_error(buf, l3, conn, d)
         h.src = int.from_bytes(buf[l3 + 12:l3 + 16], "big")
         h.dst = int.from_bytes(buf[l3 + 16:l3 + 20], "big")
-        return self.route
+        return self._bridge_or_route(pkt, h, dst)
 
     def _invalid(self, pkt):
         """INVALID goes on to routing: KUBE-FORWARD drops it after the route lookup and TTL check
@@ -350,7 +433,7 @@ class NatPrerouting(NatStage):
                 rec.update(service=conn.service, matched=n[2], endpoint=f"{ip_str(conn.endpoint[0])}:"
                            f"{conn.endpoint[1]}", why=n[3], masquerade_mark=conn.mark)
         elif kind in ("reject", "drop"):
-            rec.update(tuple=_fmt(n[1]), service=n[2], matched=n[3], why=n[4])
+            rec.update(tuple=_fmt(n[1]), service=n[2], matched=n[3], why=n[4], chain="FORWARD" if n[5] else "INPUT")
         elif kind == "invalid" and n[1] is not None:
             rec.update(tuple=_fmt(n[1]), state=n[2])
         return rec
@@ -371,9 +454,9 @@ class NatPrerouting(NatStage):
         if kind == "related":
             return f"ct related ICMP error for {rec['orig']} ({rec['direction']}): translated back"
         if kind == "reject":
-            return f"Service {rec['service']} ({rec['matched']}) {rec['why']}"
+            return f"Service {rec['service']} ({rec['matched']}) {rec['why']} (in {rec['chain']})"
         if kind == "drop":
-            return f"Service {rec['service']} ({rec['matched']}): {rec['why']}: dropped"
+            return f"Service {rec['service']} ({rec['matched']}): {rec['why']}: dropped (in {rec['chain']})"
         if kind == "invalid":
             return f"ct INVALID {rec.get('tuple', 'ICMP error without a connection')}" + \
                 (f" in state {rec['state']}" if rec.get("state") else "")
@@ -438,7 +521,7 @@ class NatIcmpError(NatStage):
 
     def process(self, pkt):
         ct, pkt.ct = pkt.ct, None
-        if ct is not None and ct is not INVALID:
+        if tracked(ct):
             conn, d, _ = ct
             buf, l3 = pkt.buf, VNET_LEN + 14
             if buf[l3 + 20] == ICMP_REDIRECT and (conn.dnat or conn.snat):
@@ -462,63 +545,74 @@ class NatIcmpError(NatStage):
 
 
 class NatPostrouting(NatStage):
-    """Confirms new entries, masquerades (kube-proxy's mark, flannel's ip-masq), un-DNATs replies."""
+    """FORWARD (KUBE-FORWARD's INVALID drop, kube-proxy's REJECT/DROP of Services without endpoints)
+    and POSTROUTING: confirms new entries, masquerades (kube-proxy's mark, flannel's ip-masq),
+    un-DNATs replies."""
 
     name = "nat-postrouting"
-    next_names = ("ip4-rewrite",)
+    next_names = ("ip4-rewrite", "ip4-icmp-error")
     drops = {"invalid": "conntrack INVALID, dropped as KUBE-FORWARD does: bad TCP flags for the state, "
                         "a reply or ICMP error without a connection",
+             "no-local-endpoint": "traffic policy Local and no endpoint on this node",
              "conntrack-full": "conntrack table full: new connection refused",
              "conntrack-clash": "another connection took this reply tuple",
              "no-masq-port": "no free source port to masquerade to"}
 
     def on_bind(self, graph) -> None:
-        self.rewrite = graph.stages["ip4-rewrite"]
+        self.next = graph.stages[self.next_names[0]]
+        self.icmp = graph.stages["ip4-icmp-error"]
 
     def process(self, pkt):
         ct = pkt.ct
         if ct is None:
-            return self.rewrite
+            return self.next
         if ct is INVALID:
             return self.drop(pkt, "invalid")
+        if ct is REJECTED:  # the quote shows the TTL ip_forward already decremented
+            pkt.note = ("reject",)
+            if isinstance(pkt.buf, list):  # already fragmented: quote the first piece (its header says so)
+                pkt.buf = bytearray(pkt.buf[0])
+            return self.to_icmp(pkt, DEST_UNREACH, PORT_UNREACH)
+        if ct is DROPPED:
+            return self.drop(pkt, "no-local-endpoint")
+        why = self.post(pkt, ct)
+        return self.drop(pkt, why) if why else self.next
+
+    def post(self, pkt, ct) -> Optional[str]:
+        """POSTROUTING for a tracked packet: confirm a new entry (masquerading it first if due),
+        rewrite the source as the entry says; a drop reason or None."""
         conn, d, new = ct
         h, buf, l3 = pkt.ip, pkt.buf, pkt.l3
         nat = self.nat
         if new:
-            dst = h.dst
-            masq = conn.mark or (nat.masquerade and nat.cluster is not None and in_cidr(h.src, nat.cluster)
-                                 and not in_cidr(dst, nat.cluster) and not is_multicast(dst))
-            if masq:
-                src = pkt.out_iface.source_for(pkt.nh or dst)
+            if conn.mark or nat.ip_masq(h.src, h.dst):
+                src = pkt.out_iface.source_for(pkt.nh or h.dst)
                 port = nat.masq_port(conn.orig[0], src, conn.orig[2], conn.reply[1], conn.reply[2])
                 if port is None:
-                    return self.drop(pkt, "no-masq-port")
+                    return "no-masq-port"
                 r = conn.reply
                 conn.reply = (r[0], r[1], port, src, port) if r[0] == PROTO_ICMP else (r[0], r[1], r[2], src, port)
                 conn.masq = True
-            elif conn.reply in self.ct.table:
-                # another connection already expects this reply: a null binding moves our source
-                # port instead (nf_nat_alloc_null_binding -> nf_nat_l4proto_unique_tuple)
-                r = conn.reply
-                port = nat.masq_port(r[0], r[3], r[4], r[1], r[2])
-                if port is None:
-                    return self.drop(pkt, "no-masq-port")
-                conn.reply = (r[0], r[1], port, r[3], port) if r[0] == PROTO_ICMP else (r[0], r[1], r[2], r[3], port)
+            elif not nat.unique_reply(conn):
+                return "no-masq-port"
             pkt.note = ("confirm", conn)
             if not pkt.dry_run:
                 err = self.ct.add(conn)
                 if err:
-                    return self.drop(pkt, f"conntrack-{err}")
+                    return f"conntrack-{err}"
         to = conn.src_rewrite(d)
         if to is not None:
-            rewrite_src(buf, l3, h, *to)
+            if isinstance(buf, list):
+                rewrite_src_pieces(pkt, h, *to)
+            else:
+                rewrite_src(buf, l3, h, *to)
             if not new:
                 pkt.note = ("snat" if d == ORIGINAL else "undnat", conn)
-        return self.rewrite
+        return None
 
     def flow_step(self, pkt):
         ct = pkt.ct
-        if ct is None or ct is INVALID:
+        if not tracked(ct):
             return None
         conn, d, new = ct
         if new:
@@ -530,9 +624,14 @@ class NatPostrouting(NatStage):
         return None, lambda buf, ts: rewrite(buf)
 
     def trace_record(self, pkt) -> dict:
-        n = pkt.note
+        return self._record(pkt.note)
+
+    @staticmethod
+    def _record(n) -> dict:
         if not n:
             return {"action": "none"}
+        if n[0] == "reject":
+            return {"action": "reject"}
         conn = n[1]
         return {"action": n[0], "orig": _fmt(conn.orig), "reply": _fmt(conn.reply), "masquerade": conn.masq}
 
@@ -540,6 +639,8 @@ class NatPostrouting(NatStage):
         a = rec["action"]
         if a == "none":
             return "no source rewrite"
+        if a == "reject":
+            return "Service without endpoints: REJECT (FORWARD), ICMP port unreachable"
         if a == "confirm":
             return f"ct confirmed {rec['orig']} reply {rec['reply']}" + \
                 (" (masqueraded)" if rec["masquerade"] else "")
@@ -548,13 +649,93 @@ class NatPostrouting(NatStage):
         return f"reply source restored to the Service address ({rec['orig']})"
 
 
+class NatBridgedDnat(NatPostrouting):
+    """br_netfilter's bridged DNAT (br_nf_pre_routing_finish_bridge): a packet nat-prerouting DNATed
+    to an address on the bridge it came from is not routed. It keeps its TTL and its sender's MAC,
+    gets the neighbour's MAC as destination (neigh_hh_bridge), passes FORWARD and POSTROUTING
+    (confirm, masquerade, un-DNAT) and is bridged from its own ingress port, hairpin rules and all.
+    Unlike the kernel, a frame queued for ARP leaves with the gateway's MAC as source."""
+
+    name = "nat-bridged-dnat"
+    next_names = ("l2-forward",)
+    drops = {k: v for k, v in NatPostrouting.drops.items() if k.startswith(("conntrack", "no-masq"))}
+
+    def process(self, pkt):
+        ct = pkt.ct
+        pkt.note = None
+        why = self.post(pkt, ct) if tracked(ct) else None
+        if why:
+            return self.drop(pkt, why)
+        post = pkt.note
+        iface, nh = pkt.out_iface, pkt.nh
+        neigh = self.router.neigh
+        if pkt.dry_run:
+            e = neigh.get(iface.name, nh)
+            mac = e.mac if e is not None else None
+        else:
+            mac, actions = neigh.resolve(iface.name, nh, pkt)
+            if mac is None:  # queued: it outlives the port's scratch buffer
+                pkt.buf = bytearray(pkt.buf)
+            if actions:
+                self.io.perform(actions, pkt.ts)
+        pkt.note = (post, ip_str(nh), mac)
+        if mac is None:
+            return None
+        pkt.buf[ETH_DST:ETH_DST + 6] = mac
+        return self.next
+
+    def flow_step(self, pkt):
+        post = NatPostrouting.flow_step(self, pkt)
+        mac = pkt.note[2] if isinstance(pkt.note, tuple) else None
+        if post is None or mac is None:
+            return None
+        r, gen = self.router, self.router.generation
+        n = r.neigh.get(pkt.out_iface.name, pkt.nh)
+        post_action = post[1]
+
+        def same(buf, ts):  # routes unchanged; resolve() would hand out the same MAC without a state change
+            return r.generation == gen and n.state in SEND_NOW and n.mac == mac and n.version >= 0
+
+        def act(buf, ts):
+            if post_action is not None:
+                post_action(buf, ts)
+            n.used = ts
+            buf[ETH_DST:ETH_DST + 6] = mac
+        return same, act
+
+    def trace_record(self, pkt) -> dict:
+        n = pkt.note
+        if not isinstance(n, tuple) or len(n) != 3:
+            return {}
+        rec = self._record(n[0])
+        rec.update(nexthop=n[1], mac=mac_str(n[2]) if n[2] else None, iface=str(pkt.out_iface))
+        return rec
+
+    def format_trace(self, rec: dict) -> str:
+        if not rec:
+            return ""
+        line = f"bridged, not routed (br_netfilter DNAT onto {rec['iface']}): "
+        if rec["mac"] is None:
+            line += f"{rec['nexthop']} unresolved: queued for ARP"
+        else:
+            line += f"{rec['nexthop']} is {rec['mac']}, TTL and source MAC kept"
+        return line + "; " + NatPostrouting.format_trace(self, rec)
+
+
 class NatBridge(Stage):
-    """br_netfilter's part: IPv4 frames bridged between pods pass conntrack, so an endpoint's
-    reply to a client pod on the same node gets its source put back to the Service address."""
+    """br_netfilter's part (br_nf_pre_routing, bridge-nf-call-iptables=1): IPv4 frames bridged
+    between pods pass conntrack as routed ones do. New connections get entries, INVALID is dropped
+    (KUBE-FORWARD), and an endpoint's reply to a client pod on the same node gets its source put
+    back to the Service address. Frames to the router's MAC are left to nat-prerouting; broadcast
+    and multicast frames are not tracked."""
 
     name = "nat-bridge"
     next_names = ("l2-forward",)
-    drops = {"invalid": "conntrack INVALID for a tracked connection (KUBE-FORWARD)"}
+    drops = {"invalid": "conntrack INVALID (KUBE-FORWARD): bad TCP flags for the state, a reply or ICMP "
+                        "error without a connection",
+             "l4-truncated": "TCP/UDP/ICMP header cut short (conntrack INVALID)",
+             "conntrack-full": "conntrack table full: new connection refused",
+             "no-masq-port": "no free source port for a clashing reply tuple"}
 
     def __init__(self, nat: Nat, bridge) -> None:
         super().__init__()
@@ -566,66 +747,112 @@ class NatBridge(Stage):
     def process(self, pkt):
         buf = pkt.buf
         pkt.note = None
+        if buf[ETH_DST] & 1 or buf[VNET_LEN + 12] != 0x08 or buf[VNET_LEN + 13] != 0x00:
+            return self.fwd
         if bytes(buf[ETH_DST:ETH_DST + 6]) in self.bridge.local:
             pkt.note = "router"  # the router tracks it itself
             return self.fwd
-        if not self.ct.count or buf[VNET_LEN + 12] != 0x08 or buf[VNET_LEN + 13] != 0x00:
-            return self.fwd
-        l3 = VNET_LEN + 14
-        h = parse_ipv4(buf, l3)
+        h = parse_ipv4(buf, L3)
         if h.reason:
+            pkt.note = "bad"
             return self.fwd
-        t, flags = l4_tuple(buf, l3, h)
+        t, flags = l4_tuple(buf, L3, h)
         if t is None:
-            if h.proto == PROTO_ICMP and not (h.frag_off or h.mf) and buf[l3 + h.hlen] in ICMP_ERRORS:
-                found = related_conn(self.ct, buf, l3, h)
-                if found is not None:  # an endpoint's error to a client pod: put the Service back
-                    pkt.note = ("related",) + found
-                    translate_error(buf, l3, *found)
+            if isinstance(flags, str):
+                self.ct.invalid += 1
+                return self.drop(pkt, flags)
+            if h.proto == PROTO_ICMP and not (h.frag_off or h.mf) and buf[L3 + h.hlen] in ICMP_ERRORS:
+                found = related_conn(self.ct, buf, L3, h)
+                if found is None:
+                    self.ct.invalid += 1
+                    return self.drop(pkt, "invalid")
+                pkt.note = ("related",) + found  # e.g. an endpoint's error to a client pod: the Service back
+                translate_error(buf, L3, *found)
+                return self.fwd
+            pkt.note = "untracked"
             return self.fwd
+        nat, now = self.nat, pkt.ts
         conn, d = self.ct.lookup(t)
-        if conn is None or conn.expires <= pkt.ts:
-            return self.fwd
-        if not pkt.dry_run and self.nat.track(conn, d, flags, pkt.ts, h.total_len) == "invalid":
-            return self.drop(pkt, "invalid")
+        if conn is not None and conn.expires <= now:  # timed out, not yet swept
+            if not pkt.dry_run:
+                self.ct.remove(conn)
+            conn = None
+        if conn is not None and not pkt.dry_run:
+            verdict = nat.track(conn, d, flags, now, h.total_len)
+            if verdict == "invalid":
+                return self.drop(pkt, "invalid")
+            if verdict == "reopen":
+                conn = None
+        if conn is None:
+            return self._new(pkt, h, buf, t, flags, now)
         pkt.note = (conn, d)
+        to = conn.dst_rewrite(d)  # a reply to a bridged connection whose source port had to move
+        if to is not None:
+            rewrite_dst(buf, L3, h, *to)
         to = conn.src_rewrite(d)
         if to is not None:
-            rewrite_src(buf, l3, h, *to)
+            rewrite_src(buf, L3, h, *to)
+        return self.fwd
+
+    def _new(self, pkt, h, buf, t, flags, now):
+        """A new bridged connection, confirmed at once (no NAT rule applies between pods on one bridge)."""
+        nat = self.nat
+        if t[0] == PROTO_TCP and tcp.first_state(flags) == tcp.INVALID or \
+                t[0] == PROTO_ICMP and flags != ICMP_ECHO_REQUEST:
+            self.ct.invalid += 1
+            return self.drop(pkt, "invalid")
+        conn = Conn(t, invert(t), now)
+        nat.start(conn, flags, now, h.total_len)
+        pkt.note = ("new", conn)
+        if pkt.dry_run:
+            return self.fwd
+        if not nat.unique_reply(conn):
+            return self.drop(pkt, "no-masq-port")
+        if self.ct.add(conn):  # a clash is impossible here: both tuples were just looked up
+            return self.drop(pkt, "conntrack-full")
+        to = conn.src_rewrite(ORIGINAL)
+        if to is not None:
+            rewrite_src(buf, L3, h, *to)
         return self.fwd
 
     def flow_step(self, pkt):
-        if pkt.note == "router":
+        n = pkt.note
+        if n == "router":
             return FLOW_NOOP  # the key's destination MAC fixes this
-        if pkt.note is None:
-            return _no_conn_guard(self.ct)
-        if pkt.note[0] == "related":
-            return None  # errors are never cached
-        conn, d = pkt.note
-        to = conn.src_rewrite(d)
-        return established_step(conn, d, src_rewriter(*to) if to else None)
+        if n == "untracked":
+            return _untracked_guard, None
+        if not isinstance(n, tuple) or n[0] in ("related", "new") or pkt.buf[L3] != 0x45:
+            return None  # errors, new connections and IP options are decided per packet
+        conn, d = n
+        dst, src = conn.dst_rewrite(d), conn.src_rewrite(d)
+        rewrite = src_rewriter(*src) if src else None
+        if dst:
+            rewrite = _both(dst_rewriter(*dst), rewrite)
+        return established_step(conn, d, rewrite)
 
     def trace_record(self, pkt) -> dict:
-        if pkt.note == "router":
+        n = pkt.note
+        if n == "router":
             return {"tracked": False, "router": True}
-        if pkt.note is None:
+        if not isinstance(n, tuple):
             return {"tracked": False}
-        related = pkt.note[0] == "related"
-        conn, d = pkt.note[1:] if related else pkt.note
-        return {"tracked": True, "related": related, "orig": _fmt(conn.orig), "reply": _fmt(conn.reply),
-                "direction": "original" if d == ORIGINAL else "reply"}
+        kind = n[0] if isinstance(n[0], str) else "existing"
+        conn, d = (n[1], ORIGINAL) if kind == "new" else n[1:] if kind == "related" else n
+        return {"tracked": True, "ct": kind, "orig": _fmt(conn.orig), "reply": _fmt(conn.reply),
+                "direction": "original" if d == ORIGINAL else "reply",
+                "rewrite": bool(conn.src_rewrite(d) or conn.dst_rewrite(d))}
 
     def format_trace(self, rec: dict) -> str:
         if rec.get("router"):
             return "to the router, which tracks it"
         if not rec["tracked"]:
-            return "no conntrack entry: bridged as is"
-        if rec.get("related"):
+            return "not tracked (not IPv4, a flood, a fragment or another protocol): bridged as is"
+        if rec["ct"] == "related":
             return f"ct related ICMP error for {rec['orig']} ({rec['direction']}): translated back"
-        return f"ct {rec['direction']} of {rec['orig']}: source restored to the Service address"
+        line = f"ct {'new' if rec['ct'] == 'new' else rec['direction']} {rec['orig']}"
+        return line + (": addresses/ports rewritten as the entry says" if rec["rewrite"] else "")
 
 
-_ADDRS_PORTS = struct.Struct("!IIHH")
 L3 = VNET_LEN + 14
 
 
@@ -652,7 +879,8 @@ def established_step(conn: Conn, d: int, rewrite=None):
     young, created, age = proto == PROTO_UDP and replied and not conn.assured, conn.created, tcp.UDP_STREAM_AGE
 
     def established(buf, ts):
-        if conn.dead or conn.expires <= ts or conn.seen_reply != replied or young and ts - created > age:
+        if buf[L3] != 0x45 or conn.dead or conn.expires <= ts or conn.seen_reply != replied or \
+                young and ts - created > age:
             return False
         # ACK without SYN/FIN/RST keeps ESTABLISHED; anything else goes through the state table
         return not is_tcp or (buf[l4 + 13] & 0x17) == 0x10 and conn.state == tcp.ESTABLISHED
@@ -674,18 +902,12 @@ def src_rewriter(ip: int, port: int):
     return lambda buf: rewrite_addr(buf, L3, True, ip, port)
 
 
-def _no_conn_guard(ct):
-    """A bridged flow conntrack did not claim stays cached while its packets still match no entry."""
-    table, l3 = ct.table, VNET_LEN + 14
+def _both(first, second):
+    return first if second is None else lambda buf: (first(buf), second(buf))
 
-    def untracked(buf, ts):
-        if not ct.count:
-            return True
-        proto = buf[l3 + 9]
-        if buf[l3] != 0x45 or proto not in (PROTO_TCP, PROTO_UDP):
-            return False  # let the slow path decide (ICMP, options)
-        if (buf[l3 + 6] & 0x3F) or buf[l3 + 7]:
-            return True  # a fragment: never tracked
-        src, dst, sport, dport = _ADDRS_PORTS.unpack_from(buf, l3 + 12)
-        return (proto, src, sport, dst, dport) not in table
-    return untracked, None
+
+def _untracked_guard(buf, ts) -> bool:
+    """A bridged flow conntrack does not track (another protocol, a fragment) stays so."""
+    if buf[L3 + 9] not in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
+        return True
+    return bool((buf[L3 + 6] & 0x3F) or buf[L3 + 7])

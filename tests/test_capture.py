@@ -201,6 +201,7 @@ def test_a_drop_is_recorded_at_the_drop_stage(sim):
 
 def test_traced_and_untraced_decisions_agree(sim):
     """A capture runs the slow path traced: the records are the trace of the same packet."""
+    send(sim, "p1", bridged())  # bridged frames are tracked: the first one makes the entry both others find
     cid = start(sim)
     send(sim, "p1", bridged())
     recs = read(sim, cid)["records"]

@@ -19,11 +19,12 @@ def test_user_guide_clusterip_example():
     nat = res.stage("nat-prerouting")  # which endpoint, and why
     assert (nat["service"], nat["endpoint"], nat["why"]) == ("default/web:http", "10.244.1.3:8080",
                                                              "uniform random among 1")
-    assert res.dropped is None and res.verdict.startswith("ended in ip4-rewrite")  # waits for ARP
+    assert res.dropped is None and res.verdict.startswith("ended in nat-bridged-dnat")  # waits for ARP
     who_has = res.out("p2")[0]
     assert who_has[ARP].pdst == "10.244.1.3"
     reply = node.inject("p2", Ether(src=WEB_MAC, dst=who_has.src) /
                         ARP(op=2, hwsrc=WEB_MAC, psrc="10.244.1.3", pdst="10.244.1.1"))
     syn = reply.out("p2")[0]  # the queued SYN leaves once the endpoint answered
-    assert (syn.dst, syn[IP].dst, syn[TCP].dport, syn[IP].ttl) == (WEB_MAC, "10.244.1.3", 8080, 63)
+    # an endpoint on the client's bridge: bridged after DNAT (br_netfilter), so the TTL is kept
+    assert (syn.dst, syn[IP].dst, syn[TCP].dport, syn[IP].ttl) == (WEB_MAC, "10.244.1.3", 8080, 64)
     assert node.show("conntrack")[0]["state"] == "SYN_SENT"

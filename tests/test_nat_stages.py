@@ -339,8 +339,11 @@ def test_clusterip_syn_is_dnated_to_one_of_the_endpoints(rig):
     f = rig.only(EP_PORT[ep])
     # DNAT: destination rewritten; pod-to-pod (endpoints are in the cluster CIDR): source untouched
     assert tcp_out(f) == (POD1, 40000, ep, 8080)
-    assert f.dst == EP_MAC[ep] and f.src == (rig.umac if ep == REMOTE_EP else rig.rmac)
-    assert f[IP].ttl == 63 and f[TCP].flags == "S"
+    if ep == REMOTE_EP:  # routed
+        assert f.dst == GW_MAC and f.src == rig.umac and f[IP].ttl == 63
+    else:  # br_netfilter: DNATed onto the bridge it came from, it is bridged: TTL and client MAC kept
+        assert f.dst == EP_MAC[ep] and f.src == P1 and f[IP].ttl == 64
+    assert f[TCP].flags == "S"
     assert checksums_ok(f)
     assert row["orig"] == {"src": POD1, "dst": VIP, "sport": 40000, "dport": 80}
     assert row["reply"] == {"src": ep, "dst": POD1, "sport": 8080, "dport": 40000}
@@ -390,6 +393,36 @@ def test_clusterip_tcp_handshake_is_translated_both_ways(rig, where):
     assert tcp_out(f) == (vip, 80, POD1, 40001) and checksums_ok(f)
     row = rig.conn(dst=vip)
     assert row["packets"] == [3, 2] and len(rig.n.show("conntrack")) == 1
+
+
+def test_dnat_onto_the_same_bridge_is_bridged_not_routed(rig):
+    """br_nf_pre_routing_finish_bridge: no TTL check or decrement, the client's MAC kept; a remote
+    endpoint is routed (and a TTL-1 packet to it expires)."""
+    rig.from_pod("p1", syn(POD1, VIP_LOCAL, 40500, 80, ttl=1))
+    f = rig.only("p2")
+    assert (f.src, f.dst, f[IP].ttl) == (P1, P2, 1) and tcp_out(f) == (POD1, 40500, POD2, 8080) and checksums_ok(f)
+    assert rig.drops("ip4-forward", "ttl-exceeded") == 0
+    rig.from_pod("p1", syn(POD1, VIP_REMOTE, 40501, 80, ttl=1))
+    f = rig.only("p1")
+    assert (f[ICMP].type, f[ICMP].code, f[IP].src) == (11, 0, VIP_REMOTE)  # RELATED: translated back
+    trace = rig.n.trace("p1", bytes(Ether(src=P1, dst=rig.rmac) / syn(POD1, VIP_LOCAL, 40502, 80)))
+    stages = [s["stage"] for s in trace.trace]
+    assert stages[stages.index("nat-prerouting"):] == ["nat-prerouting", "nat-bridged-dnat", "l2-forward", "port-tx"]
+    assert "TTL and source MAC kept" in trace.trace[stages.index("nat-bridged-dnat")]["text"]
+
+
+def test_bridged_dnat_to_an_unresolved_endpoint_waits_for_arp(rig):
+    new_ep = "10.244.1.9"  # never heard of: the router must resolve it first, from the gateway address
+    rig.n.apply_manifests(text(service("fresh", "10.96.0.90", [sport_(80, 8080)]),
+                               endpoints("fresh", [(new_ep, "n1")])))
+    rig.from_pod("p1", syn(POD1, "10.96.0.90", 40510, 80))
+    out = rig.out()
+    reqs = [f for fs in out.values() for f in fs if ARP in f]
+    assert reqs and all(r[ARP].pdst == new_ep and r[ARP].psrc == RTR_PODS for r in reqs)
+    assert not [f for fs in out.values() for f in fs if TCP in f]
+    rig.inject("p3", Ether(src=P3, dst=rig.rmac) / ARP(op=2, hwsrc=P3, psrc=new_ep, hwdst=rig.rmac, pdst=RTR_PODS))
+    f = rig.only("p3")
+    assert f.dst == P3 and f[IP].ttl == 64 and tcp_out(f) == (POD1, 40510, new_ep, 8080) and checksums_ok(f)
 
 
 # --- 2. endpoint spread and schedulers ----------------------------------------------------------------------
@@ -522,6 +555,29 @@ def test_service_without_endpoints_rejects_with_port_unreachable(rig, proto):
     assert rig.n.show("conntrack") == []
 
 
+def test_service_without_endpoints_is_refused_in_forward_after_the_ttl_check(rig):
+    """kube-proxy's REJECT (and the policy-Local DROP) sit in the filter table's FORWARD chain: ip_forward
+    checks and decrements the TTL first."""
+    rig.from_pod("p1", syn(POD1, VIP_EMPTY, 5556, 80, ttl=1))
+    f = rig.only("p1")
+    assert (f[ICMP].type, f[ICMP].code, IP(quote(f)).ttl) == (11, 0, 1)  # time exceeded, not port unreachable
+    rig.clock.t += 2  # a fresh ICMP rate-limit token
+    rig.from_pod("p1", syn(POD1, VIP_EMPTY, 5557, 80, ttl=64))
+    f = rig.only("p1")
+    assert (f[ICMP].type, f[ICMP].code, IP(quote(f)).ttl) == (3, 3, 63)  # the quote after the decrement
+    rig.clock.t += 2
+    rig.from_pod("p1", syn(POD1, VIP_ITP_NONE, 5558, 80, ttl=1))  # DROP, also in FORWARD
+    assert (rig.only("p1")[ICMP].type, rig.drops("nat-postrouting", "no-local-endpoint")) == (11, 0)
+    assert rig.n.show("conntrack") == []
+
+
+def test_node_port_without_endpoints_is_refused_in_input_without_ttl_handling(rig):
+    rig.n.apply_manifests(text(service("np-empty", "10.96.0.54", [sport_(80, 8080, node_port=30091)], "NodePort")))
+    rig.from_up(syn(PEER, RTR_UP, 45100, 30091, ttl=1), src_mac=PEER_MAC)
+    f = rig.only("up")
+    assert (f[IP].dst, f[ICMP].type, f[ICMP].code, IP(quote(f)).ttl) == (PEER, 3, 3, 1)
+
+
 # --- 4. session affinity ------------------------------------------------------------------------------------
 
 def test_session_affinity_client_ip(rig):
@@ -645,7 +701,9 @@ def test_internal_traffic_policy_local(rig):
     rig.out()
     rig.from_pod("p1", syn(POD1, VIP_ITP_NONE, 48100, 80))
     rig.nothing()
-    assert rig.drops("nat-prerouting", "no-local-endpoint") == 1
+    # kube-proxy's DROP is in the filter table's FORWARD, after routing (nat-postrouting's place)
+    assert rig.drops("nat-postrouting", "no-local-endpoint") == 1
+    assert rig.drops("nat-prerouting", "no-local-endpoint") == 0
 
 
 def test_external_ip_and_load_balancer_ip(rig):
@@ -675,15 +733,17 @@ def test_clusterip_from_outside_the_cluster_is_masqueraded(rig):
 def test_hairpin_pod_reaching_itself_through_its_service_is_masqueraded(rig):
     rig.from_pod("p2", syn(POD2, VIP_LOCAL, 50000, 80))
     f = rig.only("p2")
-    assert f.dst == P2 and f.src == rig.rmac
+    # bridged back out its own (hairpin) port, as br_netfilter does: its own MAC both ways, TTL kept
+    assert f.dst == P2 and f.src == P2 and f[IP].ttl == 64
     assert tcp_out(f) == (RTR_PODS, 50000, POD2, 8080) and checksums_ok(f)
     row = rig.conn(src=POD2)
     assert row["masquerade"] is True
     assert row["reply"] == {"src": POD2, "dst": RTR_PODS, "sport": 8080, "dport": 50000}
-    # the pod answers the gateway address; the router translates it back into the Service's reply
+    # the pod answers the gateway address; un-SNATed onto the bridge, it is bridged back the same way
     rig.from_pod("p2", syn(POD2, RTR_PODS, 8080, 50000, flags="SA"))
     f = rig.only("p2")
-    assert f.dst == P2 and tcp_out(f) == (VIP_LOCAL, 80, POD2, 50000) and checksums_ok(f)
+    assert (f.dst, f.src, f[IP].ttl) == (P2, P2, 64)
+    assert tcp_out(f) == (VIP_LOCAL, 80, POD2, 50000) and checksums_ok(f)
     rig.from_pod("p2", syn(POD2, VIP_LOCAL, 50000, 80, flags="A"))
     f = rig.only("p2")
     assert tcp_out(f) == (RTR_PODS, 50000, POD2, 8080)
@@ -723,6 +783,34 @@ def test_pod_to_node_network_is_masqueraded(rig):
     rig.from_pod("p1", syn(POD1, PEER, 5001, 22))
     f = rig.only("up")
     assert tcp_out(f) == (RTR_UP, 5001, PEER, 22) and f.dst == PEER_MAC and checksums_ok(f)
+
+
+def test_outside_to_another_nodes_pod_is_masqueraded_but_not_to_our_own(rig):
+    """flannel's `! -s CLUSTER -d CLUSTER -j MASQUERADE` (after `! -s CLUSTER -d POD_CIDR -j RETURN`):
+    the remote pod's reply must come back through this node."""
+    rig.from_up(dgram(PEER, REMOTE_EP, 5600, 9), src_mac=PEER_MAC)
+    f = rig.only("up")
+    assert f.dst == GW_MAC and udp_out(f) == (RTR_UP, 5600, REMOTE_EP, 9) and checksums_ok(f)
+    assert rig.conn(src=PEER)["masquerade"] is True
+    rig.from_up(dgram(REMOTE_EP, RTR_UP, 9, 5600))
+    f = rig.only("up")
+    assert f.dst == PEER_MAC and udp_out(f) == (REMOTE_EP, 9, PEER, 5600) and checksums_ok(f)
+    rig.from_up(dgram(PEER, POD2, 5601, 9), src_mac=PEER_MAC)  # this node's pods see the client itself
+    assert udp_out(rig.only("p2")) == (PEER, 5601, POD2, 9)
+    assert Rig(nat={"masquerade": False}).n.nat.ip_masq(0xC0A80132, 0x0AF40205) is False
+
+
+def test_masquerade_reaches_every_fragment_of_a_forwarded_packet(rig):
+    """ip4-forward fragments before nat-postrouting (the kernel: after POSTROUTING): each piece gets the
+    new source, the first one the port and the whole datagram's checksum update."""
+    from scapy.layers.inet import defragment
+    rig.n.router.ifaces["uplink"].mtu = 1000
+    rig.from_up(dgram(PEER, REMOTE_EP, 5700, 9, b"f" * 1400), src_mac=PEER_MAC)
+    frags = rig.out()["up"]
+    assert len(frags) == 2 and all(f[IP].src == RTR_UP and ip_header_ok(bytes(f[IP])[:20]) for f in frags)
+    (whole,) = defragment([f[IP] for f in frags])
+    whole = IP(bytes(whole))
+    assert udp_out(Ether() / whole) == (RTR_UP, 5700, REMOTE_EP, 9) and checksums_ok(Ether() / whole)
 
 
 def test_masquerade_off_keeps_pod_source():
@@ -806,6 +894,40 @@ def test_icmp_error_without_connection_is_invalid_when_forwarded(rig):
     rig.from_up(IP(src=REMOTE_EP, dst=POD1) / ICMP(type=3, code=3) / Raw(bytes(bogus)))
     rig.nothing()
     assert rig.invalid_drops() == 1
+
+
+def test_bridged_syn_ack_without_connection_is_dropped(rig):
+    """bridge-nf-call-iptables: pod-to-pod frames on one bridge pass conntrack and KUBE-FORWARD too."""
+    rig.from_pod("p1", syn(POD1, POD3, 51100, 80, flags="SA"), dst_mac=P3)
+    rig.nothing()
+    assert rig.drops("nat-bridge", "invalid") == 1 and rig.ct_stats()["invalid"] == 1
+    bogus = IP(src=POD3, dst=POD1) / UDP(sport=1, dport=2)
+    rig.from_pod("p1", IP(src=POD1, dst=POD3) / ICMP(type=3, code=3) / Raw(bytes(bogus)), dst_mac=P3)
+    rig.nothing()
+    assert rig.drops("nat-bridge", "invalid") == 2
+    assert rig.n.show("conntrack") == []
+
+
+def test_bridged_connection_is_tracked_and_cached_once_established():
+    rig = Rig(flow_cache=64)
+    rig.from_pod("p1", syn(POD1, POD3, 51101, 80), dst_mac=P3)
+    rig.only("p3")
+    row = rig.conn(src=POD1, dst=POD3)
+    assert (row["state"], row["flags"], row["service"]) == ("SYN_SENT", ["UNREPLIED"], None)
+    rig.from_pod("p3", syn(POD3, POD1, 80, 51101, flags="SA"), dst_mac=P1)
+    rig.from_pod("p1", syn(POD1, POD3, 51101, 80, flags="A"), dst_mac=P3)
+    assert [len(fs) for fs in rig.out().values()] == [1, 0, 1, 0]
+    assert (rig.conn(src=POD1)["state"], rig.conn(src=POD1)["flags"]) == ("ESTABLISHED", ["ASSURED"])
+    for i in range(5):
+        rig.from_pod("p1", syn(POD1, POD3, 51101, 80, flags="A", payload=b"data"), dst_mac=P3)
+        f = rig.only("p3")
+        assert (f.src, f[IP].ttl, bytes(f[TCP].payload)) == (P1, 64, b"data")
+    assert rig.n.flows.hits == 5  # the handshake's ACK recorded the flow, the data replays it
+    assert rig.conn(src=POD1)["packets"] == [7, 1]
+    # a SYN-ACK in ESTABLISHED from the client's side is INVALID: the guard sends it to the slow path
+    rig.from_pod("p1", syn(POD1, POD3, 51101, 80, flags="SA"), dst_mac=P3)
+    rig.nothing()
+    assert rig.drops("nat-bridge", "invalid") == 1
 
 
 # --- 9. endpoint removal ------------------------------------------------------------------------------------
@@ -1258,6 +1380,20 @@ def test_reply_tuple_clash_remaps_the_source_port_instead_of_dropping(rig):
     assert f[TCP].sport != 46000 and 1024 <= f[TCP].sport <= 65535
 
 
+def test_bridged_reply_tuple_clash_remaps_the_source_port_both_ways(rig):
+    # p1:46100 -> VIP_LOCAL:80 is DNATed to p2:8080: its reply tuple is p2:8080 -> p1:46100
+    rig.from_pod("p1", syn(POD1, VIP_LOCAL, 46100, 80))
+    rig.only("p2")
+    # then straight to p2 over the bridge from the same port: the null binding moves the source port
+    rig.from_pod("p1", syn(POD1, POD2, 46100, 8080), dst_mac=P2)
+    f = rig.only("p2")
+    moved = f[TCP].sport
+    assert (f[IP].src, f[IP].dst, f.src) == (POD1, POD2, P1) and moved != 46100 and checksums_ok(f)
+    rig.from_pod("p2", syn(POD2, POD1, 8080, moved, flags="SA"), dst_mac=P1)
+    f = rig.only("p1")
+    assert tcp_out(f) == (POD2, 8080, POD1, 46100) and checksums_ok(f)
+
+
 def test_dry_run_trace_predicts_the_endpoint_without_side_effects():
     traced, plain = Rig(), Rig()
     frame = bytes(Ether(src=P1, dst=traced.rmac) / syn(POD1, VIP_STICKY, 20000, 80))
@@ -1292,6 +1428,7 @@ def _scen_frames(rig, scen, k):
         "dns-remote": ("udp", "p1", P1, r, POD1, VIP_DNS_REMOTE, 42100, 53, "up", GW_MAC, u, REMOTE_EP, POD1, 5353),
         "udp-masq": ("udp", "p1", P1, r, POD1, INTERNET, 43000, 53, "up", DGW_MAC, u, INTERNET, RTR_UP, 53),
         "bridged": ("udp", "p1", P1, P3, POD1, POD3, 44000, 7, "p3", P3, P1, POD3, POD1, 7),
+        "bridged-tcp": ("tcp", "p1", P1, P3, POD1, POD3, 44100, 9, "p3", P3, P1, POD3, POD1, 9),
     }
     proto, cport, cmac, cdst, csrc, cip, csp, cdp, sport_name, smac, sdst, ssrc, sip, ssp = table[scen]
     l4 = L4[proto]
@@ -1305,7 +1442,7 @@ def _scen_frames(rig, scen, k):
     return client, server
 
 
-TCP_SCEN = ["local", "remote", "np", "masq", "hairpin"]
+TCP_SCEN = ["local", "remote", "np", "masq", "hairpin", "bridged-tcp"]
 UDP_SCEN = ["dns-local", "dns-remote", "udp-masq", "bridged"]
 
 

@@ -104,7 +104,9 @@ def test_replay_gives_the_right_verdict_per_packet(config_path, pcap):
     # the ClusterIP: DNAT to the endpoint, which the router then has to resolve
     nat = q1.stage("nat-prerouting")
     assert (nat["ct"], nat["service"], nat["endpoint"]) == ("new", "default/dns", f"{POD2}:5353")
-    assert q1.verdict.startswith("ended in ip4-rewrite: next hop 10.244.1.3 unresolved")
+    # an endpoint on the client's bridge: bridged after DNAT (br_netfilter), once resolved
+    assert q1.verdict.startswith("ended in nat-bridged-dnat: bridged, not routed (br_netfilter DNAT onto pods): "
+                                 "10.244.1.3 unresolved")
     assert any(ARP in p and p[ARP].pdst == POD2 for p in q1.out())
     assert q2.stage("nat-prerouting")["ct"] == "existing"
     assert bh.dropped == ("ip4-lookup", "blackhole") and bh.verdict == "dropped by ip4-lookup: blackhole"

@@ -254,9 +254,10 @@ def test_cluster_ip_is_dnatted_tracked_and_the_reply_un_dnatted(sim):
     res = sim.inject("p1", IP(src=POD1, dst=VIP) / TCP(sport=40000, dport=80, flags="S", seq=100))
     nat = res.stage("nat-prerouting")
     assert (nat["ct"], nat["service"], nat["endpoint"]) == ("new", "default/web", f"{POD2}:8080")
+    assert res.stage("nat-bridged-dnat")["mac"] == P2  # an endpoint on the same bridge: bridged, not routed
     (syn,) = res.out("p2")
-    assert (syn.src, syn.dst) == (rmac(sim), P2)
-    assert (syn[IP].src, syn[IP].dst, syn[IP].ttl) == (POD1, POD2, 63)
+    assert (syn.src, syn.dst) == (P1, P2)
+    assert (syn[IP].src, syn[IP].dst, syn[IP].ttl) == (POD1, POD2, 64)
     assert (syn[TCP].sport, syn[TCP].dport, syn[TCP].flags, syn[TCP].seq) == (40000, 8080, "S", 100)
 
     (row,) = ct_rows(sim, "default/web")

@@ -78,14 +78,15 @@ class Node:
     def _build_nat(self, ncfg: dict) -> None:
         """Conntrack, Services and their stages; manifests listed in the config are loaded here."""
         from nat.manifests import ManifestError, load_file
-        from nat.stages import Nat, NatBridge, NatIcmpError, NatPostrouting, NatPrerouting
+        from nat.stages import Nat, NatBridge, NatBridgedDnat, NatIcmpError, NatPostrouting, NatPrerouting
 
         self.nat = Nat(self.router, self.clock, node=self.name, cluster_cidr=ncfg["cluster_cidr"],
                        masquerade=ncfg["masquerade"], scheduler=ncfg["scheduler"],
                        max_entries=ncfg["conntrack_max"], profile=ncfg["profile"])
         self.node_port_range = ncfg["node_port_range"]
         for stage in (NatPrerouting(self.nat, self.router_io), NatPostrouting(self.nat, self.router_io),
-                      NatIcmpError(self.nat, self.router_io), NatBridge(self.nat, self.bridge)):
+                      NatIcmpError(self.nat, self.router_io), NatBridge(self.nat, self.bridge),
+                      NatBridgedDnat(self.nat, self.router_io)):
             self.graph.add(stage)
         for i, path in enumerate(ncfg["manifests"]):
             try:
