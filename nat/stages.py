@@ -322,6 +322,10 @@ class NatPrerouting(NatStage):
 
     def flow_step(self, pkt):
         n, ct = pkt.note, pkt.ct
+        if n and n[0] == "untracked" and pkt.ip.hlen == 20 and not pkt.ip.is_fragment:
+            # fixed by the key: Service changes flush the cache, ip4-route guards our addresses (only the
+            # tunnel's traffic to us gets that far: ip4-local caches nothing else, nat-postrouting no untracked)
+            return FLOW_NOOP
         if not n or n[0] != "existing" or ct is None or pkt.ip.hlen != 20 or pkt.l3 != L3:
             return None  # new connections, errors, untracked: per-packet decisions
         conn, d, _ = ct

@@ -26,6 +26,28 @@ class Overlay:
         self.port = VxlanPort(spec["interface"], self.vtep, mtu=spec["mtu"], gso=spec["gso"], gro=spec["gro"])
         for p in spec["peers"]:
             self.add_peer(p)
+        self.encap = self.decap = None
+        self.pipeline = spec["pipeline"]
+
+    def add_stages(self, graph) -> None:
+        """With the pipeline datapath, flannel.1 sends through vxlan-encap and UDP to our tunnel
+        port goes to vxlan-decap (overlay.stages); the socket datapath needs no stage."""
+        if not self.pipeline:
+            return
+        from .stages import VxlanDecap, VxlanEncap
+        self.encap = graph.add(VxlanEncap(self.vtep, self.port, self.router))
+        self.decap = graph.add(VxlanDecap(self.vtep, self.port))
+        self.iface.output = self.encap
+        self.router.udp_encap[self.vtep.port] = self.decap
+        self.port.socket_optional = True
+
+    def replace_port(self, port) -> None:
+        """Use ``port`` as flannel.1's port (the simulator's in-memory one) before the node starts."""
+        port.socket_optional = self.port.socket_optional
+        self.port = port
+        for stage in (self.encap, self.decap):
+            if stage is not None:
+                stage.port = port
 
     def add_peer(self, p: dict) -> Peer:
         """flannel's three entries for a remote node: FDB, permanent neighbour, onlink route."""

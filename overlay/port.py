@@ -36,7 +36,7 @@ UDP_GRO = 104
 MAX_UDP_PAYLOAD = 65507
 MAX_GSO_SEGMENTS = 64  # UDP_MAX_SEGMENTS in older kernels (128 since 6.x): stay under both
 TX_SOCKETS = 256  # source ports with an open socket
-RX_ANC = socket.CMSG_SPACE(4)
+RX_ANC = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(4)  # UDP_GRO's segment size, IP_TOS (IP_RECVTOS)
 IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0  # linux/in.h (Python does not export them)
 SO_RCVBUFFORCE = 33  # past net.core.rmem_max; needs CAP_NET_ADMIN, else SO_RCVBUF (capped)
 RX_BUFFER = 8 << 20
@@ -54,10 +54,18 @@ class VxlanPort(Port):
         self.tx: "OrderedDict[int, socket.socket]" = OrderedDict()
         self._loop = None
         self._local = str(ipaddress.IPv4Address(vtep.local))
+        self.socket_optional = False  # set for the pipeline datapath (overlay.stages)
 
     # --- lifecycle --------------------------------------------------------
     def open(self) -> None:
-        self.rx = self._socket(self.vtep.port)
+        try:
+            self.rx = self._socket(self.vtep.port)
+        except OSError:
+            if not self.socket_optional:
+                raise
+            # The pipeline datapath needs no socket: the host stack may not hold the underlay address.
+            self.offloads = ("pipeline",)
+            return
         # A 64 KB GRO batch costs its truesize in the receive buffer: the default (~208 KB) holds
         # a handful, and an overflow loses whole batches (RcvbufErrors), i.e. TCP retransmits.
         for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
@@ -66,6 +74,8 @@ class VxlanPort(Port):
                 break
             except OSError:
                 continue
+        # The outer TOS, for RFC 6040 on receive (vxlan_rcv's IP_ECN_decapsulate)
+        self.rx.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
         if self.want_gro:
             try:
                 self.rx.setsockopt(SOL_UDP, UDP_GRO, 1)
@@ -73,7 +83,8 @@ class VxlanPort(Port):
             except OSError:
                 pass
         self.gso = self.want_gso and self._probe_gso()
-        self.offloads = tuple(n for n, on in (("udp-gso", self.gso), ("udp-gro", self.gro)) if on)
+        self.offloads = tuple(n for n, on in (("udp-gso", self.gso), ("udp-gro", self.gro),
+                                              ("pipeline", self.socket_optional)) if on)
 
     def _socket(self, port: int) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -98,7 +109,7 @@ class VxlanPort(Port):
     def start(self, loop, deliver) -> None:
         super().start(loop, deliver)
         self._loop = loop
-        if loop is not None:
+        if loop is not None and self.rx is not None:
             loop.add_reader(self.rx.fileno(), self._on_readable)
 
     def close(self) -> None:
@@ -212,13 +223,15 @@ class VxlanPort(Port):
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
                 raise
-            gso = n
+            gso, tos = n, 0
             for level, kind, data in anc:
                 if level == SOL_UDP and kind == UDP_GRO:
                     gso = int.from_bytes(data[:4], "little") or n
-            self._receive(view, 2, n, gso, addr, ts)
+                elif level == socket.IPPROTO_IP and kind == socket.IP_TOS and data:
+                    tos = data[0]
+            self._receive(view, 2, n, gso, addr, ts, tos)
 
-    def _receive(self, view, start: int, n: int, gso: int, addr, ts: float) -> None:
+    def _receive(self, view, start: int, n: int, gso: int, addr, ts: float, tos: int = 0) -> None:
         vt = self.vtep
         count = -(-n // gso)
         if not vt.known(addr[0]):
@@ -229,11 +242,12 @@ class VxlanPort(Port):
         frames = []
         while off < end:
             size = min(gso, end - off)
-            reason = vxlan.check_payload(view[off:off + size], vnis=vt.vnis, vtep_mac=vt.mac)
+            reason = vxlan.check_payload(view[off:off + size], vnis=vt.vnis, vtep_mac=vt.mac, outer_tos=tos)
             if reason is not None:
                 vt.drop(reason)
                 self.rx_drops += 1
             else:
+                vxlan.propagate_ce(view, tos, off + vxlan.VXLAN_HLEN)
                 frames.append((off + vxlan.VXLAN_HLEN, size - vxlan.VXLAN_HLEN))
             off += size
         nbytes = sum(ln for _, ln in frames)

@@ -64,6 +64,7 @@ class Vtep:
         self.peers: Dict[int, Peer] = {}  # underlay address -> peer
         self.sources: set = set()  # the peers' underlay addresses as sockets report them
         self.fdb: Dict[bytes, tuple] = {}  # remote VTEP MAC -> (underlay address, port): a sendmsg destination
+        self.remotes: Dict[bytes, int] = {}  # remote VTEP MAC -> underlay address (vxlan-encap's FDB)
         self.tx_packets = self.tx_bytes = self.tx_calls = 0
         self.rx_packets = self.rx_bytes = 0
         self.drops: Counter = Counter()
@@ -93,8 +94,10 @@ class Vtep:
         old = self.peers.pop(peer.address, None)
         if old is not None:
             self.fdb.pop(old.vtep_mac, None)
+            self.remotes.pop(old.vtep_mac, None)
         self.peers[peer.address] = peer
         self.fdb[peer.vtep_mac] = (str(ipaddress.IPv4Address(peer.address)), self.port)
+        self.remotes[peer.vtep_mac] = peer.address
         self.sources = {d[0] for d in self.fdb.values()}
         return old
 
@@ -104,6 +107,7 @@ class Vtep:
             if key in (p.name, str(ipaddress.IPv4Address(addr))):
                 del self.peers[addr]
                 self.fdb.pop(p.vtep_mac, None)
+                self.remotes.pop(p.vtep_mac, None)
                 self.sources = {d[0] for d in self.fdb.values()}
                 return p
         raise KeyError(f"no VXLAN peer {key!r} (peers: {', '.join(p.name for p in self.peers.values()) or 'none'})")

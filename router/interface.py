@@ -31,6 +31,7 @@ class Interface:
         self.port = port
         self.proxy_arp = proxy_arp
         self.send_redirects = send_redirects
+        self.output = None  # a stage that sends instead of a port (a tunnel device: vxlan-encap)
         self._nets = [(int(a.network.network_address), int(a.netmask), int(a.ip)) for a in self.addrs]
 
     @property

@@ -52,6 +52,7 @@ class Router:
         self.icmp = RateLimiter(clock=clock)
         self.redirects = RedirectLimiter(clock)
         self.host: Optional[Interface] = None  # the node's own stack, behind an internal port
+        self.udp_encap: Dict[int, object] = {}  # UDP port -> stage for datagrams to us (a tunnel's encap_rcv)
         self._ip_id = 0
         self._iface_changes = 0
 

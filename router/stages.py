@@ -65,7 +65,11 @@ class RouterIO:
         self.icmp_error = graph.stages["ip4-icmp-error"]
 
     def emit(self, iface, buf, ts: float) -> None:
-        if iface.port is not None:
+        if iface.output is not None:
+            pkt = Packet(buf, None, ts)
+            pkt.out_iface = iface
+            self.graph.run(pkt, iface.output)
+        elif iface.port is not None:
             iface.port.send(buf)
         else:
             self.graph.run(Packet(buf, iface, ts), self.l2fwd)
@@ -319,7 +323,15 @@ class Ip4Route(RouterStage):
         return self.lookup
 
     def flow_step(self, pkt):
-        return FLOW_NOOP if pkt.note == "forward" else None  # local delivery is per-packet work
+        if pkt.note == "forward":
+            return FLOW_NOOP  # ip4-lookup guards the routes
+        if pkt.note == "local" and self.router.udp_encap:  # ip4-local caches only tunnel traffic
+            r, gen = self.router, self.router.generation
+
+            def still_local(buf, ts):
+                return r.generation == gen
+            return still_local, None
+        return None
 
     def trace_record(self, pkt) -> dict:
         return {"decision": pkt.note}
@@ -352,6 +364,12 @@ class Ip4Local(RouterStage):
                 pkt.buf = ip_packet(reply)
                 pkt.note = "echo-reply"
                 return self.output
+        if h.proto == PROTO_UDP and r.udp_encap and not h.is_fragment:  # a tunnel's port: encap_rcv
+            l4 = pkt.l3 + h.hlen
+            encap = r.udp_encap.get((pkt.buf[l4 + 2] << 8) | pkt.buf[l4 + 3])
+            if encap is not None:
+                pkt.note = "udp-encap"
+                return encap
         if host is not None and pkt.iface is not host:
             pkt.out_iface, pkt.nh = host, h.dst
             pkt.note = "to-host"
@@ -364,12 +382,16 @@ class Ip4Local(RouterStage):
         pkt.note = "no-listener"
         return self.drop(pkt, "bad-echo" if h.proto == PROTO_ICMP else "no-listener")
 
+    def flow_step(self, pkt):
+        return (_not_fragment, None) if pkt.note == "udp-encap" else None  # the rest is per-packet work
+
     def trace_record(self, pkt) -> dict:
         return {"action": pkt.note if isinstance(pkt.note, str) else None,
                 "host": str(self.router.host) if self.router.host else None}
 
     def format_trace(self, rec: dict) -> str:
         return {"echo-reply": "ICMP echo request for us: answering",
+                "udp-encap": "UDP to a tunnel port of ours: decapsulate",
                 "to-host": f"for the node's host stack via {rec['host']}",
                 "port-unreachable": "UDP to us and no host stack: port unreachable"}.get(rec["action"],
                                                                                         "nothing to deliver to")
@@ -587,6 +609,11 @@ def _header_ok(buf, ts) -> bool:
     return 20 <= total <= len(buf) - L3 and int.from_bytes(hdr, "big") % 0xFFFF == 0
 
 
+def _not_fragment(buf, ts) -> bool:
+    """MF clear and offset 0 (flow cache guard): a fragment's "ports" are payload bytes."""
+    return not buf[L3 + 6] & 0x3F and not buf[L3 + 7]
+
+
 def _dec_ttl(buf, ts) -> None:
     dec_ttl(buf, L3)
 
@@ -617,7 +644,7 @@ class Ip4Output(RouterStage):
         out = pkt.out_iface = r.ifaces[route.dev]
         pkt.nh = route.gateway or dst
         tot = (buf[L3 + 2] << 8) | buf[L3 + 3]
-        if tot > out.mtu and not (buf[L3 + IP_FRAG] << 8) & IP_DF:
+        if tot > out.mtu and not (buf[L3 + IP_FRAG] << 8) & IP_DF and not buf[1] & 0x7F:  # GSO: segmented later
             pkt.buf = fragment(buf, L3, out.mtu)
         return self.rewrite
 
@@ -668,6 +695,8 @@ class Ip4Rewrite(RouterStage):
         buf[ETH_DST:ETH_DST + 6] = mac
         buf[ETH_SRC:ETH_SRC + 6] = iface.mac
         pkt.note = ("resolved", ip_str(nh), mac)
+        if iface.output is not None:  # a tunnel interface: its encapsulation stage sends
+            return iface.output
         if iface.port is not None:
             pkt.out_port = iface.port
             return self.tx

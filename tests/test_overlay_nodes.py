@@ -211,3 +211,34 @@ def test_wire_format_is_standard_vxlan(pair):
     assert f[VXLAN].vni == 1 and f[VXLAN].flags == 0x08
     inner = f[VXLAN].payload
     assert inner.src == vtep_mac("a") and inner.dst == vtep_mac("b") and inner[IP].dst == POD_IP["b"]
+
+
+def _datagram_with_outer_tos(pair, tos: int, inner_tos: int) -> None:
+    """A VXLAN datagram from node a's address (a raw UDP socket, not its VTEP) with outer TOS ``tos``."""
+    import socket
+    inner = bytes(Ether(src=vtep_mac("a"), dst=vtep_mac("b")) /
+                  IP(src=POD_IP["a"], dst=POD_IP["b"], tos=inner_tos) / UDP(sport=1, dport=2) / Raw(b"ecn"))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((NODES["a"][0], 0))
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+        s.sendto(bytes(VXLAN(vni=1, flags=0x08)) + inner, (NODES["b"][0], 8472))
+    finally:
+        s.close()
+
+
+def test_outer_ce_is_copied_into_an_ect_inner_packet(pair):
+    """RFC 6040 on the socket datapath: the outer TOS arrives by IP_RECVTOS."""
+    _datagram_with_outer_tos(pair, tos=0x03, inner_tos=0x02)  # CE over ECT(0)
+    [got] = pair.received("b")
+    assert got[IP].tos & 3 == 3
+    fixed = IP(bytes(got[IP]))
+    del fixed.chksum
+    assert IP(bytes(fixed)).chksum == got[IP].chksum  # the header checksum was updated with the TOS
+
+
+def test_outer_ce_over_a_not_ect_inner_packet_is_dropped(pair):
+    _datagram_with_outer_tos(pair, tos=0x03, inner_tos=0x00)
+    vb = pair.nodes["b"].overlay.vtep
+    pair.run(lambda: vb.drops["vxlan-ecn-not-ect"] > 0)
+    assert vb.drops["vxlan-ecn-not-ect"] == 1 and pair.pods["b"].take() == []

@@ -357,17 +357,29 @@ def peer_spec(d: Any, path: str) -> dict:
     return {"name": name, "address": addr, "pod_cidr": cidr, "mac": _mac(d["vtepMAC"], _join(path, "vtepMAC"))}
 
 
+DATAPATHS = ("auto", "pipeline", "socket")
+
+
 def _overlay(doc: Any, router: dict, ports: Dict[str, str]) -> dict:
     """overlay: a flannel-style VXLAN VTEP (docs/config.md)."""
     _keys(doc, "overlay", {"local", "podCIDR", "vni", "port", "mac", "mtu", "interface", "acceptUnknownPeers",
-                           "peers", "gso", "gro"}, {"local", "podCIDR"})
+                           "peers", "gso", "gro", "datapath"}, {"local", "podCIDR"})
+    datapath = doc.get("datapath", "auto")
+    if datapath not in DATAPATHS:
+        raise ConfigError("overlay.datapath", f"must be one of {', '.join(DATAPATHS)}, got {datapath!r}")
     out = {"local": _ipv4(doc["local"], "overlay.local"),
            "vni": _int(doc.get("vni", 1), "overlay.vni", 0, 0xFFFFFF),
            "port": _int(doc.get("port", 8472), "overlay.port", 1, 65535),
            "mtu": _int(doc.get("mtu", 1450), "overlay.mtu", 68, 65535),
            "accept_unknown_peers": _bool(doc.get("acceptUnknownPeers", False), "overlay.acceptUnknownPeers"),
            "gso": _bool(doc.get("gso", True), "overlay.gso"), "gro": _bool(doc.get("gro", True), "overlay.gro"),
-           "mac": _mac(doc["mac"], "overlay.mac") if "mac" in doc else None}
+           "mac": _mac(doc["mac"], "overlay.mac") if "mac" in doc else None, "datapath": datapath}
+    local_owner = [i["name"] for i in router["interfaces"] if not i["host"] and i["port"] is not None
+                   and any(a.ip == out["local"] for a in i["addresses"])]
+    if datapath == "pipeline" and not local_owner:
+        raise ConfigError("overlay.datapath", f"pipeline needs overlay.local ({out['local']}) on a router interface "
+                                              f"with a port (the underlay), e.g. the uplink")
+    out["pipeline"] = datapath == "pipeline" or (datapath == "auto" and bool(local_owner))
     try:
         out["pod_cidr"] = ipaddress.IPv4Network(doc["podCIDR"])
     except (ValueError, TypeError):

@@ -136,7 +136,7 @@ class NodeCollector:
     def _vxlan(vt) -> Iterator:
         yield _gauge("vswitch_vxlan_peers", "Remote VTEPs known", rows=[(len(vt.peers),)])
         for k, what in (("tx_packets", "Datagrams sent"), ("tx_bytes", "Inner bytes sent"),
-                        ("tx_calls", "sendmsg calls (one carries many datagrams with UDP GSO)"),
+                        ("tx_calls", "sendmsg calls or pipeline frames (one carries many datagrams with GSO)"),
                         ("rx_packets", "Datagrams received and accepted"), ("rx_bytes", "Inner bytes received")):
             yield _counter(f"vswitch_vxlan_{k}_total", what, rows=[(getattr(vt, k),)])
         reasons = _vxlan_reasons()

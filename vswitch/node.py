@@ -44,6 +44,8 @@ class Node:
         self.graph.build("eth-input")
         if self.router_io is not None:
             self.router_io.bind(self.graph)
+        if self.overlay is not None and self.overlay.decap is not None:
+            self.overlay.decap.deliver = self.receive
         self.flows = FlowCache(cfg.flow_cache) if cfg.flow_cache else None
         self.ports: Dict[str, Port] = {}
         self.captures: Dict[int, object] = {}  # open capture sessions (vswitch.capture)
@@ -102,6 +104,7 @@ class Node:
         except ValueError as e:
             raise ConfigError("overlay", str(e)) from None
         self.router_ports[self.overlay.port.name] = self.overlay.iface
+        self.overlay.add_stages(self.graph)
 
     def _need_overlay(self):
         if self.overlay is None:

@@ -22,12 +22,14 @@ ZERO_VNET = bytes(VNET_LEN)
 # virtio_net_hdr.flags
 VNET_F_NEEDS_CSUM = 1
 VNET_F_DATA_VALID = 2
+VNET_F_UDP_TUNNEL_CSUM = 8  # tunnel GSO: each segment's outer UDP checksum is to be computed too
 # virtio_net_hdr.gso_type
 GSO_NONE = 0
 GSO_TCPV4 = 1
 GSO_UDP = 3
 GSO_TCPV6 = 4
 GSO_UDP_L4 = 5
+GSO_UDP_TUNNEL = 0x20  # VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4: an IPv4 UDP tunnel around the GSO type
 GSO_ECN = 0x80
 GSO_NAMES = {GSO_NONE: "none", GSO_TCPV4: "tcpv4", GSO_UDP: "udp", GSO_TCPV6: "tcpv6", GSO_UDP_L4: "udp_l4"}
 
@@ -167,7 +169,8 @@ class VnetHdr(tuple):
             return "plain"
         parts = []
         if self[1] != GSO_NONE:
-            kind = GSO_NAMES.get(self[1] & 0x7F, str(self[1] & 0x7F))
+            kind = GSO_NAMES.get(self[1] & 0x1F, str(self[1] & 0x1F))
+            kind += "+udp-tunnel" if self[1] & GSO_UDP_TUNNEL else ""
             parts.append(f"gso={kind}{'+ecn' if self[1] & GSO_ECN else ''} gso_size={self[3]} hdr_len={self[2]}")
         if self[0] & VNET_F_NEEDS_CSUM:
             parts.append(f"csum_start={self[4]} csum_offset={self[5]}")

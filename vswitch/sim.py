@@ -104,7 +104,7 @@ class SimNode:
         if self.node.overlay is not None:
             from overlay.memport import MemoryVxlanPort
             ov = self.node.overlay
-            ov.port = MemoryVxlanPort(ov.port.name, ov.vtep, mtu=ov.port.mtu)
+            ov.replace_port(MemoryVxlanPort(ov.port.name, ov.vtep, mtu=ov.port.mtu))
             ov.port.on_send = lambda port, outer: self.emitted.append(Emitted(port.name, outer))
         self.node.start(None, make_port=lambda spec: SimPort(spec["name"], self.emitted, hairpin=spec["hairpin"],
                                                              mtu=spec["mtu"]))

@@ -24,6 +24,7 @@ class Stage:
     name: str = "stage"
     next_names: tuple = ()
     drops: Dict[str, str] = {}
+    flow_boundary = False  # see Graph.run_recorded
 
     def __init__(self) -> None:
         self.packets = 0
@@ -140,17 +141,21 @@ class Graph:
 
     def run_recorded(self, pkt, stage: Stage):
         """Run untraced and collect each stage's flow_step: a list of (stage, guard, action),
-        or None as soon as one stage's decision cannot be replayed."""
+        or None as soon as one stage's decision cannot be replayed. A ``flow_boundary`` stage
+        ends the flow: what it hands on is another packet (an encapsulation's outer frame),
+        which its action sends through the graph itself."""
         steps: Optional[list] = []
+        recording = True
         while stage is not None:
             stage.packets += 1
             nxt = stage.process(pkt)
-            if steps is not None:
+            if recording:
                 step = stage.flow_step(pkt)
                 if step is None:
-                    steps = None
+                    steps, recording = None, False
                 else:
                     steps.append((stage, step[0], step[1]))
+                    recording = not stage.flow_boundary
             stage = nxt
         return steps
 
