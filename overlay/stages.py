@@ -48,12 +48,6 @@ _UDP_VX = struct.Struct("!HHHHII")
 _ETH = bytes(12) + ETH_P_IP.to_bytes(2, "big")  # MACs: ip4-rewrite's job
 
 
-def _fold(s: int) -> int:
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
 def _l4_headers_end(frame, gso: int, l4: int) -> int:
     """Offset just past the inner TCP/UDP header starting at ``l4``."""
     return l4 + (8 if gso == GSO_UDP_L4 else (frame[l4 + 12] >> 4) * 4)
@@ -199,9 +193,9 @@ class VxlanEncap(Stage):
         l4 = L3 + 20
         _UDP_VX.pack_into(out, l4, sport, vt.port, ulen, 0, vxlan.VXLAN_FLAG_I << 24, vt.vni << 8)
         out[l4 + 16:] = frame
-        pseudo = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + PROTO_UDP + ulen
+        pseudo = segment.pseudo_sum(src, dst, PROTO_UDP, ulen)
         if csum == "gso":
-            c = _fold(pseudo)
+            c = segment.pseudo_field(src, dst, PROTO_UDP, ulen)
         elif csum == "full":
             c = checksum(memoryview(out)[l4:], pseudo) or 0xFFFF
         else:  # headers up to the inner checksum start, plus the complement of the pending field
@@ -285,7 +279,7 @@ class VxlanDecap(Stage):
             reason = "udp-bad-length"
         if reason is None and not flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) and buf[l4 + 6] | buf[l4 + 7]:
             dst = int.from_bytes(buf[L3 + 16:L3 + 20], "big")
-            pseudo = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + PROTO_UDP + ulen
+            pseudo = segment.pseudo_sum(src, dst, PROTO_UDP, ulen)
             if checksum(memoryview(buf)[l4:l4 + ulen], pseudo) != 0:  # udp4_csum_init / __udp_lib_rcv
                 reason = "udp-bad-checksum"
         outer_tos = buf[L3 + 1]
