@@ -275,13 +275,9 @@ class VxlanDecap(Stage):
             reason = "unknown-peer"
         l4 = L3 + hlen
         ulen = (buf[l4 + 4] << 8) | buf[l4 + 5]
-        if reason is None and (ulen < 8 or ulen > tot - hlen):
-            reason = "udp-bad-length"
-        if reason is None and not flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) and buf[l4 + 6] | buf[l4 + 7]:
-            dst = int.from_bytes(buf[L3 + 16:L3 + 20], "big")
-            pseudo = segment.pseudo_sum(src, dst, PROTO_UDP, ulen)
-            if checksum(memoryview(buf)[l4:l4 + ulen], pseudo) != 0:  # udp4_csum_init / __udp_lib_rcv
-                reason = "udp-bad-checksum"
+        if reason is None:
+            reason = vxlan.check_udp(buf, l4, L3 + tot, src, int.from_bytes(buf[L3 + 16:L3 + 20], "big"),
+                                     verify=not flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
         outer_tos = buf[L3 + 1]
         if reason is None:
             reason = vxlan.check_payload(memoryview(buf)[l4 + 8:l4 + ulen], vnis=vt.vnis, vtep_mac=vt.mac,
@@ -301,11 +297,7 @@ class VxlanDecap(Stage):
             itype, ihdr = gso_type & ~GSO_UDP_TUNNEL & ~0x40, max(hdr_len - delta, 0)
         else:
             itype = ihdr = gso_size = 0
-        if dry_run:  # what propagate_ce would do, without doing it
-            ce = (outer_tos & 3 == vxlan.ECN_CE and buf[inner + 12:inner + 14] == b"\x08\x00"
-                  and buf[inner + 15] & 3 in (vxlan.ECN_ECT_0, vxlan.ECN_ECT_1))
-        else:
-            ce = vxlan.propagate_ce(buf, outer_tos, inner)
+        ce = vxlan.sets_ce(buf, outer_tos, inner) if dry_run else vxlan.propagate_ce(buf, outer_tos, inner)
         vni = (buf[l4 + 12] << 16) | (buf[l4 + 13] << 8) | buf[l4 + 14]  # read before the header goes
         VNET_HDR.pack_into(buf, inner - VNET_LEN, iflags, itype, ihdr, gso_size, istart, csum_offset)
         end = l4 + ulen

@@ -133,6 +133,15 @@ def ecn_encap(tos: int, inner: int) -> int:
     return (tos & ~ECN_MASK & 0xFF) | (ECN_ECT_0 if ecn == ECN_CE else ecn)
 
 
+def sets_ce(frame, outer_tos: int, off: int = 0) -> bool:
+    """Would ``propagate_ce`` mark this inner IPv4 packet CE (outer CE over an inner ECT one)?"""
+    if outer_tos & ECN_MASK != ECN_CE or len(frame) < off + ETH_HLEN + 20:
+        return False
+    if (frame[off + 12] << 8) | frame[off + 13] != ETH_P_IP:
+        return False
+    return frame[off + ETH_HLEN + IP_TOS] & ECN_MASK in (ECN_ECT_0, ECN_ECT_1)
+
+
 def propagate_ce(frame: bytearray, outer_tos: int, off: int = 0) -> bool:
     """Decapsulation: mark the inner IPv4 packet CE if the outer one was (IP_ECN_set_ce).
 
@@ -140,14 +149,10 @@ def propagate_ce(frame: bytearray, outer_tos: int, off: int = 0) -> bool:
     CE is dropped by ``check_payload`` instead). Updates the header checksum
     (RFC 1624). Returns whether it changed the frame.
     """
-    if outer_tos & ECN_MASK != ECN_CE or len(frame) < off + ETH_HLEN + 20:
-        return False
-    if (frame[off + 12] << 8) | frame[off + 13] != ETH_P_IP:
+    if not sets_ce(frame, outer_tos, off):
         return False
     l3 = off + ETH_HLEN
     old = frame[l3 + IP_TOS]
-    if old & ECN_MASK in (ECN_NOT_ECT, ECN_CE):
-        return False
     word = frame[l3] << 8  # the TOS is the low byte of the header's first 16-bit word
     c = (frame[l3 + IP_CSUM] << 8) | frame[l3 + IP_CSUM + 1]
     c = csum_update16(c, word | old, word | old | ECN_CE)
@@ -208,15 +213,26 @@ def check_frame(frame, *, vnis, vtep_mac: bytes, dport: int = VXLAN_PORT, eth: i
     l4 = h.payload_off
     if h.proto != PROTO_UDP or h.is_fragment or h.end < l4 + 8:
         return "not-vxlan"
-    _sport, dp, ulen, csum = _UDP.unpack_from(frame, l4)
+    _sport, dp, ulen, _csum = _UDP.unpack_from(frame, l4)
     if dp != dport:
         return "not-vxlan"
-    if ulen < 8 or l4 + ulen > h.end:
+    reason = check_udp(frame, l4, h.end, h.src, h.dst)
+    if reason is not None:
+        return reason
+    return check_payload(memoryview(frame)[l4 + 8:l4 + ulen], vnis=vnis, vtep_mac=vtep_mac, outer_tos=h.tos)
+
+
+def check_udp(buf, l4: int, end: int, src: int, dst: int, verify: bool = True):
+    """``udp-bad-length`` / ``udp-bad-checksum`` for the UDP header at ``l4`` of an IP packet ending
+    at ``end``, or None. The checksum is skipped when it is 0, or when ``verify`` is False (the
+    frame's virtio-net header vouches for it, as CHECKSUM_PARTIAL/UNNECESSARY do in __udp_lib_rcv)."""
+    ulen = (buf[l4 + 4] << 8) | buf[l4 + 5]
+    if ulen < 8 or l4 + ulen > end:
         return "udp-bad-length"
-    udp = memoryview(frame)[l4:l4 + ulen]
-    if csum and checksum(udp, pseudo_sum(h.src, h.dst, PROTO_UDP, ulen)) != 0:
+    if verify and (buf[l4 + 6] or buf[l4 + 7]) and \
+            checksum(memoryview(buf)[l4:l4 + ulen], pseudo_sum(src, dst, PROTO_UDP, ulen)) != 0:
         return "udp-bad-checksum"
-    return check_payload(udp[8:], vnis=vnis, vtep_mac=vtep_mac, outer_tos=h.tos)
+    return None
 
 
 # --- UDP source port ---------------------------------------------------------
