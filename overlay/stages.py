@@ -35,7 +35,7 @@ import struct
 
 from router.ipv4 import IPV4_HDR, PROTO_UDP, checksum, ip_str, set_ip_checksum
 from vswitch.packet import (ETH_P_IP, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, GSO_UDP_TUNNEL, VNET_F_DATA_VALID,
-                            VNET_F_NEEDS_CSUM, VNET_F_UDP_TUNNEL_CSUM, VNET_HDR, VNET_LEN, Packet)
+                            VNET_F_NEEDS_CSUM, VNET_F_UDP_TUNNEL_CSUM, VNET_HDR, VNET_LEN, Packet, headroom)
 from vswitch.ports.base import RX_SIZE
 from vswitch.stage import Stage
 
@@ -46,6 +46,18 @@ L3 = VNET_LEN + 14
 OUTER = 14 + 20 + 8 + vxlan.VXLAN_HLEN  # 50 bytes in front of the inner frame
 _UDP_VX = struct.Struct("!HHHHII")
 _ETH = bytes(12) + ETH_P_IP.to_bytes(2, "big")  # MACs: ip4-rewrite's job
+
+
+class EncapSource:
+    """Where vxlan-encap's outer frames enter the graph when it sends them itself (a cached inner
+    flow): through the node's receive, as if read from a port whose first stage is ip4-output, so
+    that outer frames get flows of their own and captures see them (`show flows`: in_port
+    vxlan-encap)."""
+
+    kind = "encap"
+
+    def __init__(self, entry) -> None:
+        self.name, self.entry, self.index = "vxlan-encap", entry, 0
 
 
 def _l4_headers_end(frame, gso: int, l4: int) -> int:
@@ -65,13 +77,16 @@ class VxlanEncap(Stage):
         super().__init__()
         self.vtep, self.port, self.router = vtep, port, router
         self.tunnel_frames = self.software_frames = 0
-        # A super-frame's outer frame is built here: one copy, no allocation. Safe because the
+        # The outer frame goes in the headroom in front of the inner one (vswitch.packet.headroom);
+        # a super-frame without headroom is copied here instead: no allocation. Safe because the
         # outer walk ends before the next encapsulation, and whatever keeps a frame longer (the
         # neighbour queue, a capture) copies it first, as with a port's receive buffer.
         self._scratch = memoryview(bytearray(VNET_LEN + OUTER + RX_SIZE))
 
     def on_bind(self, graph) -> None:
         self.output = graph.stages["ip4-output"]
+        self.source = EncapSource(self.output)
+        self.deliver = None  # the node's receive (flow cache, captures); else a plain walk
 
     def process(self, pkt):
         out = self._encap(pkt.buf, pkt.dry_run)
@@ -90,7 +105,8 @@ class VxlanEncap(Stage):
     def flow_step(self, pkt):
         if pkt.drop_stage is not None:
             return None
-        counts, run, output = self.drop_counts, self.graph.run, self.output
+        counts, source = self.drop_counts, self.source
+        deliver = self.deliver or (lambda src, frame, ts: self.graph.run(Packet(frame, None, ts), self.output))
 
         def encap_and_send(buf, ts):
             out = self._encap(buf, False)
@@ -98,7 +114,7 @@ class VxlanEncap(Stage):
                 counts[out] += 1
                 return
             for frame in out[0]:
-                run(Packet(frame, None, ts), output)
+                deliver(source, frame, ts)
         return None, encap_and_send
 
     # --- the encapsulation ---------------------------------------------------
@@ -120,8 +136,9 @@ class VxlanEncap(Stage):
         sport = vxlan.source_port(frame)
         tos = vxlan.ecn_encap(0, frame[14 + 1])  # flannel's tos 0: only ECN is carried
         src = vt.local
+        room = None if dry_run else headroom(buf, OUTER)  # a dry run leaves the frame as it was
         if gso == GSO_NONE:
-            frames = [self._plain(frame, flags, csum_start, csum_offset, src, dst, sport, tos, dry_run)]
+            frames = [self._plain(frame, flags, csum_start, csum_offset, src, dst, sport, tos, dry_run, room)]
             segs, how = 1, "none"
         elif (gso in (GSO_TCPV4, GSO_UDP_L4) and flags & VNET_F_NEEDS_CSUM and len(frame) + 36 <= 0xFFFF
               and self._tunnel_gso_to(dst)):
@@ -129,7 +146,8 @@ class VxlanEncap(Stage):
             segs = -(-(len(frame) - end) // gso_size) if gso_size else 1
             hdr = VNET_HDR.pack(VNET_F_NEEDS_CSUM | VNET_F_UDP_TUNNEL_CSUM, gso_type | GSO_UDP_TUNNEL, OUTER + end,
                                 gso_size, OUTER + csum_start, csum_offset)
-            frames = [self._frame(hdr, frame, src, dst, sport, tos, segs, "gso", dry_run, self._scratch)]
+            into = room if room is not None else self._scratch
+            frames = [self._frame(hdr, frame, src, dst, sport, tos, segs, "gso", dry_run, into, room is not None)]
             how = "udp-tunnel"
         else:
             try:
@@ -159,7 +177,7 @@ class VxlanEncap(Stage):
         return iface is not None and iface.port is not None and getattr(iface.port, "tunnel", False)
 
     def _plain(self, frame, flags: int, csum_start: int, csum_offset: int, src: int, dst: int, sport: int,
-               tos: int, dry_run: bool):
+               tos: int, dry_run: bool, room=None):
         """One outer frame around one wire-sized inner frame.
 
         An inner checksum still pending stays pending (NEEDS_CSUM moves 50
@@ -170,16 +188,19 @@ class VxlanEncap(Stage):
         """
         if flags & VNET_F_NEEDS_CSUM and not csum_start & 1:
             hdr = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, 0, 0, OUTER + csum_start, csum_offset)
-            return self._frame(hdr, frame, src, dst, sport, tos, 1, (csum_start, csum_offset), dry_run)
+            return self._frame(hdr, frame, src, dst, sport, tos, 1, (csum_start, csum_offset), dry_run, room,
+                               room is not None)
         if flags & VNET_F_NEEDS_CSUM:  # an odd start breaks the word alignment lco_csum relies on
-            frame = segment.segment(bytes(VNET_HDR.pack(flags, 0, 0, 0, csum_start, csum_offset)) + frame)[0]
-        return self._frame(bytes(VNET_LEN), frame, src, dst, sport, tos, 1, "full", dry_run)
+            frame, room = segment.segment(bytes(VNET_HDR.pack(flags, 0, 0, 0, csum_start, csum_offset)) + frame)[0], None
+        return self._frame(bytes(VNET_LEN), frame, src, dst, sport, tos, 1, "full", dry_run, room, room is not None)
 
     def _frame(self, vnet: bytes, frame, src: int, dst: int, sport: int, tos: int, segs: int, csum, dry_run: bool,
-               into=None):
-        """``vnet`` + outer Ethernet/IPv4/UDP/VXLAN + ``frame``. The outer UDP checksum: ``"gso"``, the
-        pseudo-header sum (completed per segment, as udp_set_csum leaves it for GSO); a pair
-        (csum_start, csum_offset) of a pending inner checksum: local checksum offload; ``"full"``."""
+               into=None, placed: bool = False):
+        """``vnet`` + outer Ethernet/IPv4/UDP/VXLAN + ``frame``, written into ``into`` or a new buffer
+        (``placed``: ``frame`` already sits at the end of ``into``, the headroom case, so only the
+        headers are written). The outer UDP checksum: ``"gso"``, the pseudo-header sum (completed
+        per segment, as udp_set_csum leaves it for GSO); a pair (csum_start, csum_offset) of a
+        pending inner checksum: local checksum offload; ``"full"``."""
         vt = self.vtep
         n = len(frame)
         ulen = 8 + vxlan.VXLAN_HLEN + n
@@ -192,7 +213,8 @@ class VxlanEncap(Stage):
         set_ip_checksum(out, L3)
         l4 = L3 + 20
         _UDP_VX.pack_into(out, l4, sport, vt.port, ulen, 0, vxlan.VXLAN_FLAG_I << 24, vt.vni << 8)
-        out[l4 + 16:] = frame
+        if not placed:
+            out[l4 + 16:] = frame
         pseudo = segment.pseudo_sum(src, dst, PROTO_UDP, ulen)
         if csum == "gso":
             c = segment.pseudo_field(src, dst, PROTO_UDP, ulen)

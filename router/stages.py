@@ -648,6 +648,16 @@ class Ip4Output(RouterStage):
             pkt.buf = fragment(buf, L3, out.mtu)
         return self.rewrite
 
+    def flow_step(self, pkt):
+        if pkt.route is None or pkt.drop_stage is not None or isinstance(pkt.buf, list):
+            return None  # to the host port, or fragmented: per-packet work
+        r, gen, out = self.router, self.router.generation, pkt.out_iface
+
+        def same_route_no_fragments(buf, ts):  # as process: only a DF-clear, non-GSO packet over the MTU is cut
+            return r.generation == gen and (((buf[L3 + 2] << 8) | buf[L3 + 3]) <= out.mtu
+                                            or buf[L3 + IP_FRAG] & 0x40 or buf[1] & 0x7F)
+        return same_route_no_fragments, None
+
     def trace_record(self, pkt) -> dict:
         buf = pkt.buf if not isinstance(pkt.buf, list) else pkt.buf[0]
         return {"src": ip_str(int.from_bytes(buf[L3 + 12:L3 + 16], "big")),

@@ -279,6 +279,27 @@ def test_tso_super_frame_crosses_as_one_tunnel_gso_frame(pair):
     assert len(pair.delivered("a")) == 1
 
 
+@pytest.mark.parametrize("gso", [GSO_TCPV4, GSO_NONE], ids=["super-frame", "single"])
+def test_encap_in_the_headroom_sends_what_a_copy_sends(gso):
+    """Ports hand frames on with headroom, and vxlan-encap writes the outer headers there; a frame
+    without headroom (a bytearray of its own) is copied behind new headers: same bytes either way."""
+    data = pattern(5000 if gso else 100)
+    wires = []
+    for room in (True, False):
+        pair = Pair()
+        frame, vnet = with_partial_csum(pair, tcp(data), gso)
+        pod = pair.pods["a"]
+        if room:
+            pod.inject(bytes(frame), vnet=vnet)
+        else:
+            pair.nodes["a"].receive(pod, bytearray(vnet) + frame, 0.0)
+        wires.append([(w.vnet, without_ip_id(w.frame)) for w in pair.pump()])  # IDs count on
+        assert len(pair.delivered("b")) == 1
+    assert len(wires[0]) == 1 and wires[0] == wires[1]
+    inner = wires[0][0][1][OUTER:]
+    assert Ether(inner)[TCP].payload.load == data  # the inner frame survived the headers written in front
+
+
 # --- 2. a pending inner checksum stays pending -----------------------------------------
 
 def test_pending_inner_checksum_moves_out_by_50_and_outer_checksum_holds(pair):
@@ -498,10 +519,15 @@ def test_flow_cache_hits_both_ends_and_changes_nothing(tunnel):
         assert cached.nodes[name].overlay.vtep.counters() == plain.nodes[name].overlay.vtep.counters()
 
     a, b = cached.nodes["a"], cached.nodes["b"]
-    # sender: the first frame walks, every later one takes the pod's flow, which ends at vxlan-encap
-    assert a.flows.hits == count - 1
-    (pod_flow,) = a.show("flows")
-    assert pod_flow["in_port"] == "pod" and pod_flow["stages"][-1] == "vxlan-encap"
+    # sender: the first frame walks (inner and outer in one walk, recorded up to vxlan-encap); every
+    # later one takes the pod's flow, whose encap hands each outer frame to its own lookup: the
+    # first a miss, recorded as a vxlan-encap flow from ip4-output on, the rest hits
+    flows = {r["in_port"]: r for r in a.show("flows")}
+    assert set(flows) == {"pod", "vxlan-encap"}
+    assert flows["pod"]["stages"][-1] == "vxlan-encap" and flows["pod"]["hits"] == count - 1
+    assert flows["vxlan-encap"]["stages"] == ["ip4-output", "ip4-rewrite", "port-tx"]
+    assert flows["vxlan-encap"]["hits"] == (count - 1) * segs - 1
+    assert a.flows.hits == (count - 1) + (count - 1) * segs - 1
     # receiver: the first outer frame walks (outer and inner in one walk, recorded up to vxlan-decap);
     # the second hits the outer flow, whose decap hands the inner frame to its own lookup: a miss,
     # recorded as a flannel.1 flow; from the third on both flows hit
@@ -511,6 +537,20 @@ def test_flow_cache_hits_both_ends_and_changes_nothing(tunnel):
     assert flows["uplink"]["stages"][-1] == "vxlan-decap" and flows["uplink"]["hits"] == outer - 1
     assert flows["flannel.1"]["stages"][0] == "l3-input" and flows["flannel.1"]["hits"] == outer - 2
     assert b.flows.hits == (outer - 1) + (outer - 2)
+
+
+def test_cached_outer_flow_still_fragments_when_the_uplink_mtu_shrinks():
+    """The outer flow (ip4-output on) re-checks the MTU per frame: outer frames are DF clear, so
+    once the uplink's MTU is below them they are fragmented, cache or not."""
+    wires = []
+    for cache in (1024, 0):
+        pair = Pair(tunnel=False, flow_cache=cache)
+        run_flow(pair, 3)
+        pair.nodes["a"].router.ifaces["uplink"].mtu = 1400
+        wire, _ = run_flow(pair, 1)
+        wires.append([without_ip_id(w.frame) for w in wire if w.src == "a"])
+    assert wires[0] == wires[1]
+    assert len(wires[0]) == 5 and all(len(f) <= 14 + 1400 for f in wires[0])  # 2 full segments cut in 2, 1 small
 
 
 # --- 7. trace ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from vswitch.packet import (GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM,
-                            VNET_HDR, VNET_LEN, ZERO_VNET, Packet, VnetHdr, mac_bytes, mac_str)
+                            VNET_HDR, VNET_LEN, ZERO_VNET, Packet, VnetHdr, headroom, mac_bytes, mac_str)
 from vswitch.ports.afpacket import restore_vlan
 
 SRC = "02:00:00:00:00:0a"
@@ -206,3 +206,38 @@ def test_restore_vlan_8021ad_tpid():
     assert out[10:22] == untagged[:12]
     assert out[22:26] == b"\x88\xa8\x0f\xff"
     assert out[26:] == untagged[12:]
+
+
+# --- headroom ---------------------------------------------------------------------
+
+def test_headroom_grows_a_view_in_place():
+    base = bytearray(b"H" * 64 + b"frame")
+    buf = memoryview(base)[64:]
+    room = headroom(buf, 50)
+    assert room is not None and len(room) == 50 + len(buf) and bytes(room[50:]) == b"frame"
+    room[:50] = b"o" * 50
+    assert base[14:64] == b"o" * 50 and base[:14] == b"H" * 14  # the bytes in front, nothing else
+    # a view of a view still finds its place in the buffer
+    assert bytes(headroom(memoryview(buf)[2:], 2)) == b"frame"
+    assert bytes(headroom(buf, 64)[:64]) == b"H" * 14 + b"o" * 50
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bytearray(100),                                  # no view: nothing in front
+    lambda: bytes(100),                                      # immutable
+    lambda: memoryview(bytearray(100))[49:],                 # 49 bytes in front, 50 asked
+    lambda: memoryview(bytearray(100))[60:].toreadonly(),   # read-only view
+    lambda: memoryview(bytes(100))[60:],                     # a view of bytes
+    lambda: memoryview(bytearray(100))[100:],                # empty
+])
+def test_headroom_refuses_what_it_cannot_grow(make):
+    assert headroom(make(), 50) is None
+
+
+def test_ports_read_behind_their_headroom():
+    from vswitch.ports.base import HEADROOM
+    from vswitch.ports.memory import MemoryPort
+    port, got = MemoryPort("p"), []
+    port.start(None, lambda p, buf, ts: got.append(headroom(buf, HEADROOM)))
+    port.inject(b"\x02" * 60)
+    assert got[0] is not None and bytes(got[0][HEADROOM + VNET_LEN:]) == b"\x02" * 60

@@ -45,7 +45,7 @@ class Node:
         if self.router_io is not None:
             self.router_io.bind(self.graph)
         if self.overlay is not None and self.overlay.decap is not None:
-            self.overlay.decap.deliver = self.receive
+            self.overlay.decap.deliver = self.overlay.encap.deliver = self.receive
         self.flows = FlowCache(cfg.flow_cache) if cfg.flow_cache else None
         self.ports: Dict[str, Port] = {}
         self.captures: Dict[int, object] = {}  # open capture sessions (vswitch.capture)

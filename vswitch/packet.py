@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+from ctypes import addressof, c_char
 from itertools import count
 
 VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -64,6 +65,22 @@ def mac_bytes(text: str) -> bytes:
     if len(parts) != 6 or not all(_HEX_BYTE.fullmatch(p) for p in parts):
         raise ValueError(f"not a MAC address: {text!r}")
     return bytes(int(p, 16) for p in parts)
+
+
+def headroom(buf, n: int):
+    """``buf`` grown by ``n`` bytes at the front, without a copy; None when there is no room.
+
+    The skb headroom idea: ports read each frame HEADROOM bytes into their
+    receive buffer, and by convention whatever lies in front of a frame's
+    view is free (that room, or outer headers a decapsulation consumed), so
+    an encapsulation writes its headers there instead of copying the frame.
+    Only views of a bytearray qualify (never an mmap'ed ring).
+    """
+    if type(buf) is not memoryview or type(buf.obj) is not bytearray or buf.readonly or not len(buf):
+        return None
+    base = memoryview(buf.obj)
+    off = addressof(c_char.from_buffer(buf)) - addressof(c_char.from_buffer(base))
+    return base[off - n:off + len(buf)] if off >= n else None
 
 
 class Packet:

@@ -74,7 +74,7 @@ class AfPacketPort(Port):
         self.offloads = ("vnet-hdr",)
 
     def _read(self):
-        n, anc, flags, _addr = self.sock.recvmsg_into([self._scratch], CMSG_SPACE)
+        n, anc, flags, _addr = self.sock.recvmsg_into([self._view], CMSG_SPACE)
         data = self._view[:n]
         if flags & socket.MSG_TRUNC:
             self.truncated += 1

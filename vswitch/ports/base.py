@@ -9,6 +9,7 @@ from ..packet import VNET_LEN
 
 BATCH = 64  # frames drained per wake-up before yielding to the loop
 RX_SIZE = VNET_LEN + 65536 + 64  # a 64 KB super-frame, its Ethernet/VLAN header and the vnet header
+HEADROOM = 64  # free bytes in front of every frame read: see vswitch.packet.headroom
 
 Deliver = Callable[["Port", bytes, float], None]
 
@@ -27,8 +28,8 @@ class Port:
         self.tx_packets = self.tx_bytes = self.tx_drops = 0
         self.offloads: tuple = ()
         self._deliver: Optional[Deliver] = None
-        self._scratch = bytearray(RX_SIZE)
-        self._view = memoryview(self._scratch)
+        self._scratch = bytearray(HEADROOM + RX_SIZE)
+        self._view = memoryview(self._scratch)[HEADROOM:]  # read frames here
 
     # --- lifecycle --------------------------------------------------------
     def open(self) -> None:

@@ -22,10 +22,14 @@ class MemoryPort(Port):
         return True
 
     def inject(self, frame: bytes, ts: float | None = None, vnet: bytes = ZERO_VNET) -> None:
-        """Deliver one bare Ethernet frame as if it had been read from the wire."""
+        """Deliver one bare Ethernet frame as if it had been read from the wire: as the real ports
+        do, into the port's receive buffer (with its headroom), handed on as a view of it."""
         self.rx_packets += 1
         self.rx_bytes += len(frame)
-        self._deliver(self, bytearray(vnet) + bytearray(frame), monotonic() if ts is None else ts)
+        n = VNET_LEN + len(frame)
+        self._view[:VNET_LEN] = vnet
+        self._view[VNET_LEN:n] = frame
+        self._deliver(self, self._view[:n], monotonic() if ts is None else ts)
 
     def take(self) -> list:
         """Bare frames sent since the last take (virtio-net header stripped)."""

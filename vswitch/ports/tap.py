@@ -101,7 +101,7 @@ class TapPort(Port):
         self._loop = loop
         view, readv, fd = self._view, os.readv, self.fd
         if not self.tunnel:
-            bufs = [self._scratch]
+            bufs = [view]
             loop.add_reader(self.fd, self._drain, lambda: view[:readv(fd, bufs)])
             return
         # The long header is read aside; its first 10 bytes become the buffer's own header (the
