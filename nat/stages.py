@@ -329,6 +329,8 @@ class NatPrerouting(NatStage):
         if not n or n[0] != "existing" or ct is None or pkt.ip.hlen != 20 or pkt.l3 != L3:
             return None  # new connections, errors, untracked: per-packet decisions
         conn, d, _ = ct
+        if not replayable(conn, d):
+            return None
         to = conn.dst_rewrite(d)
         return established_step(conn, d, dst_rewriter(*to) if to else None)
 
@@ -828,6 +830,8 @@ class NatBridge(Stage):
         if not isinstance(n, tuple) or n[0] in ("related", "new") or pkt.buf[L3] != 0x45:
             return None  # errors, new connections and IP options are decided per packet
         conn, d = n
+        if not replayable(conn, d):
+            return None
         dst, src = conn.dst_rewrite(d), conn.src_rewrite(d)
         rewrite = src_rewriter(*src) if src else None
         if dst:
@@ -860,21 +864,27 @@ class NatBridge(Stage):
 L3 = VNET_LEN + 14
 
 
-def established_step(conn: Conn, d: int, rewrite=None):
-    """Replay for a packet whose conntrack update is a plain refresh by a fixed timeout: TCP
-    ESTABLISHED and ASSURED, an assured UDP stream, or a UDP flow still unreplied (its original
-    direction); None otherwise (the state table decides per packet)."""
+def replayable(conn: Conn, d: int) -> bool:
+    """Is the conntrack update for a packet of ``conn`` in direction ``d`` a plain refresh by a
+    fixed timeout: TCP ESTABLISHED and ASSURED, an assured UDP stream, or a UDP flow still
+    unreplied (its original direction)? Otherwise the state table decides per packet."""
     proto = conn.orig[0]
     if conn.dead:
-        return None
+        return False
     if proto == PROTO_TCP:
-        if conn.state != tcp.ESTABLISHED or not conn.assured or not conn.seen_reply:
-            return None
-    elif proto == PROTO_UDP:
-        if not conn.seen_reply and d != ORIGINAL:
-            return None  # the first reply changes the entry
-    else:
+        # nor before its third packet this way: a connection that ends sooner is not worth a flow
+        return conn.state == tcp.ESTABLISHED and conn.assured and conn.seen_reply and conn.packets[d] >= 3
+    if proto == PROTO_UDP:
+        return conn.seen_reply or d == ORIGINAL  # the first reply changes the entry
+    return False
+
+
+def established_step(conn: Conn, d: int, rewrite=None):
+    """Replay (guard, action) for a packet whose conntrack update is a plain refresh (see
+    replayable); None otherwise."""
+    if not replayable(conn, d):
         return None
+    proto = conn.orig[0]
     timeout, l4 = conn.timeout, L3 + 20  # flows are cached for 20-byte IP headers only
     packets, nbytes = conn.packets, conn.bytes
     is_tcp, replied = proto == PROTO_TCP, conn.seen_reply

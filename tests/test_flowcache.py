@@ -20,6 +20,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from vswitch.config import parse
+from vswitch.flowcache import flow_key
 from vswitch.node import Node
 from vswitch.packet import ZERO_VNET
 
@@ -352,6 +353,33 @@ def test_service_tcp_connection_is_cached_only_while_established():
     states = [r["state"] for r in p.fast.show("conntrack") if r["orig"]["dst"] == "10.96.0.10"]
     assert states == ["FIN_WAIT"]
     p.check_tables()
+
+
+@pytest.mark.parametrize("flags", ["S", "SA", "FA", "R", "RA"])
+def test_tcp_syn_fin_rst_are_not_flow_keys(flags):
+    frame = bytes(ZERO_VNET + bytes(Ether() / IP(src=A_IP, dst=B_IP) / TCP(sport=4000, dport=80, flags=flags)))
+    assert flow_key("a", frame) is None
+    ack = bytes(ZERO_VNET + bytes(Ether() / IP(src=A_IP, dst=B_IP) / TCP(sport=4000, dport=80, flags="A")))
+    assert flow_key("a", ack) is not None
+    assert flow_key("a", ack[:-20]) is None  # the TCP header cut before its flags
+
+
+def test_short_service_connection_records_no_flow():
+    """A connection that ends within its first two packets each way (connect, accept, close) is
+    not worth a flow: nothing is recorded, and nothing changes for it."""
+    p = Pair()
+    ev_pod_arp(p)
+    ev_from_b(p)
+    ev_gw_reply(p, GW)
+    inserts = p.fast.flows.inserts
+    ev_svc(p, "S", "tcp")
+    remote = p.fast.show("conntrack")[-1]["reply"]["src"] == REMOTE
+    for mine, theirs in (("A", "SA"), ("A", "FA"), ("R", None)):
+        if theirs:
+            ev_svc_reply(p, theirs, "tcp", remote)
+        ev_svc(p, mine, "tcp")
+    assert p.fast.flows.inserts == inserts and p.fast.flows.hits == 0
+    p.check_tables()  # (a longer connection is cached from its third packet: test_nat_stages)
 
 
 def test_unreplied_udp_flow_is_not_replayed_after_its_reply():

@@ -35,11 +35,17 @@ DEFAULT_SIZE = 65536
 
 
 def flow_key(port, buf):
-    """The cache key of a frame, or None if it is not one the cache handles (not IPv4)."""
+    """The cache key of a frame, or None if it is not one the cache handles: not IPv4, or a TCP
+    segment with SYN, FIN or RST (they change conntrack's state, so no flow could replay them,
+    and recording one costs a short connection more than the cache could ever give back)."""
     if len(buf) < MIN_KEY_LEN or buf[22] != 0x08 or buf[23] != 0x00:
         return None
     eth, proto, addrs, ports = _KEY.unpack_from(buf, KEY_OFFSET)
-    if proto != 6 and proto != 17:
+    if proto == 6:
+        flags = KEY_OFFSET + 27 + (buf[KEY_OFFSET + 14] & 0x0F) * 4  # byte 13 of the TCP header
+        if flags >= len(buf) or buf[flags] & 0x07:
+            return None
+    elif proto != 17:
         ports = None  # ICMP's next bytes change per packet (checksum): not part of a flow
     return (port, eth, proto, addrs, ports)
 
