@@ -107,33 +107,48 @@ class VxlanEncap(Stage):
             return None
         counts, source = self.drop_counts, self.source
         deliver = self.deliver or (lambda src, frame, ts: self.graph.run(Packet(frame, None, ts), self.output))
+        # What the flow fixes: the peer (the inner MAC is fixed by ip4-rewrite's guard), the source
+        # port (the inner addresses and ports are the key's, unless a fragment hashes without ports)
+        # and whether the route to the peer takes tunnel super-frames.
+        dst, sport, mac = pkt.note[0], pkt.note[1], pkt.note[5]
+        remotes, r, gen = self.vtep.remotes, self.router, self.router.generation
+        known = (dst, sport, self._tunnel_gso_to(dst))
+
+        def same_peer(buf, ts):
+            return remotes.get(mac) == dst and r.generation == gen and not buf[L3 + 6] & 0x3F and not buf[L3 + 7]
 
         def encap_and_send(buf, ts):
-            out = self._encap(buf, False)
+            out = self._encap(buf, False, known)
             if type(out) is str:
                 counts[out] += 1
                 return
             for frame in out[0]:
                 deliver(source, frame, ts)
-        return None, encap_and_send
+        return same_peer, encap_and_send
 
     # --- the encapsulation ---------------------------------------------------
-    def _encap(self, buf, dry_run: bool):
-        """The outer frames for ``buf`` and a trace note, or a drop reason."""
+    def _encap(self, buf, dry_run: bool, known=None):
+        """The outer frames for ``buf`` and a trace note, or a drop reason. ``known``: (peer, source
+        port, tunnel GSO to the peer) as a cached flow fixed them."""
         vt = self.vtep
-        dst = vt.remotes.get(bytes(buf[VNET_LEN:VNET_LEN + 6]))
-        if dst is None:
-            if not dry_run:
-                vt.drop("no-fdb")
-            return "no-fdb"
-        if buf[VNET_LEN + 12] != 0x08 or buf[VNET_LEN + 13] != 0x00:
-            if not dry_run:
-                vt.drop("not-ipv4")
-            return "not-ipv4"
+        if known is None:
+            mac = bytes(buf[VNET_LEN:VNET_LEN + 6])
+            dst = vt.remotes.get(mac)
+            if dst is None:
+                if not dry_run:
+                    vt.drop("no-fdb")
+                return "no-fdb"
+            if buf[VNET_LEN + 12] != 0x08 or buf[VNET_LEN + 13] != 0x00:
+                if not dry_run:
+                    vt.drop("not-ipv4")
+                return "not-ipv4"
+            sport, gso_ok = vxlan.source_port(memoryview(buf)[VNET_LEN:]), None
+        else:
+            dst, sport, gso_ok = known
+            mac = None
         frame = memoryview(buf)[VNET_LEN:]
         flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(buf, 0)
         gso = gso_type & 0x1F
-        sport = vxlan.source_port(frame)
         tos = vxlan.ecn_encap(0, frame[14 + 1])  # flannel's tos 0: only ECN is carried
         src = vt.local
         room = None if dry_run else headroom(buf, OUTER)  # a dry run leaves the frame as it was
@@ -141,7 +156,7 @@ class VxlanEncap(Stage):
             frames = [self._plain(frame, flags, csum_start, csum_offset, src, dst, sport, tos, dry_run, room)]
             segs, how = 1, "none"
         elif (gso in (GSO_TCPV4, GSO_UDP_L4) and flags & VNET_F_NEEDS_CSUM and len(frame) + 36 <= 0xFFFF
-              and self._tunnel_gso_to(dst)):
+              and (self._tunnel_gso_to(dst) if gso_ok is None else gso_ok)):
             end = _l4_headers_end(frame, gso, csum_start)
             segs = -(-(len(frame) - end) // gso_size) if gso_size else 1
             hdr = VNET_HDR.pack(VNET_F_NEEDS_CSUM | VNET_F_UDP_TUNNEL_CSUM, gso_type | GSO_UDP_TUNNEL, OUTER + end,
@@ -167,7 +182,7 @@ class VxlanEncap(Stage):
             vt.tx_bytes += nbytes
             self.port.tx_packets += segs
             self.port.tx_bytes += nbytes
-        return frames, (dst, sport, tos, how, segs)  # trace_record makes it readable, only when tracing
+        return frames, (dst, sport, tos, how, segs, mac)  # trace_record makes it readable, only when tracing
 
     def _tunnel_gso_to(self, dst: int) -> bool:
         """Does the underlay port towards ``dst`` take tunnel super-frames (TUN_F_UDP_TUNNEL_GSO)?"""
@@ -232,7 +247,7 @@ class VxlanEncap(Stage):
     def trace_record(self, pkt) -> dict:
         if not isinstance(pkt.note, tuple):
             return {}
-        dst, sport, tos, how, segs = pkt.note
+        dst, sport, tos, how, segs, _ = pkt.note
         vt = self.vtep
         return {"vni": vt.vni, "src": ip_str(vt.local), "dst": ip_str(dst), "sport": sport, "dport": vt.port,
                 "ttl": vxlan.OUTER_TTL, "df": False, "tos": tos, "gso": how, "segments": segs}

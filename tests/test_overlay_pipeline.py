@@ -16,7 +16,7 @@ from typing import List, NamedTuple
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import ARP, Ether
 from scapy.layers.vxlan import VXLAN
 
 from router.interface import stable_mac
@@ -551,6 +551,26 @@ def test_cached_outer_flow_still_fragments_when_the_uplink_mtu_shrinks():
         wires.append([without_ip_id(w.frame) for w in wire if w.src == "a"])
     assert wires[0] == wires[1]
     assert len(wires[0]) == 5 and all(len(f) <= 14 + 1400 for f in wires[0])  # 2 full segments cut in 2, 1 small
+
+
+def test_cached_encap_follows_a_changed_fdb_entry_and_hashes_fragments_as_the_slow_path():
+    """A pod flow's encap keeps the peer and source port it recorded only while the FDB entry
+    stands and the frame is no fragment (a fragment's hash has no ports)."""
+    outs = []
+    for cache in (1024, 0):
+        pair = Pair(flow_cache=cache)
+        a = pair.nodes["a"]
+        udp = lambda **ip: IP(src=POD_IP["a"], dst=POD_IP["b"], **ip) / UDP(sport=5000, dport=53) / (b"q" * 40)
+        wire = [pair.send("a", udp()) for _ in range(3)]  # recorded, then hit
+        mac = next(m for m, ip in a.overlay.vtep.remotes.items() if ip == ip_int(NODES["b"][0]))
+        # a first fragment with the flow's ports, DF clear and MF set, still small enough to pass
+        wire.append(pair.send("a", udp(flags="MF", id=7)))
+        a.overlay.vtep.remotes[mac] = ip_int("192.168.1.77")  # the peer's VTEP moved (no ARP for it)
+        moved = [bytes(w.frame) for w in pair.send("a", udp())]  # an ARP request for the new address
+        outs.append(([outer_fields(w[0].frame)["sport"] for w in wire], moved, a.flows.hits if cache else 0))
+    (ports_c, moved_c, hits), (ports_p, moved_p, _) = outs
+    assert ports_c == ports_p and ports_c[0] == ports_c[2] != ports_c[3]
+    assert hits >= 2 and moved_c == moved_p and ARP in Ether(moved_c[0]) and Ether(moved_c[0])[ARP].pdst == "192.168.1.77"
 
 
 # --- 7. trace ---------------------------------------------------------------------------
