@@ -161,8 +161,7 @@ class VxlanEncap(Stage):
             segs = -(-(len(frame) - end) // gso_size) if gso_size else 1
             hdr = VNET_HDR.pack(VNET_F_NEEDS_CSUM | VNET_F_UDP_TUNNEL_CSUM, gso_type | GSO_UDP_TUNNEL, OUTER + end,
                                 gso_size, OUTER + csum_start, csum_offset)
-            into = room if room is not None else self._scratch
-            frames = [self._frame(hdr, frame, src, dst, sport, tos, segs, "gso", dry_run, into, room is not None)]
+            frames = [self._frame(hdr, frame, src, dst, sport, tos, segs, "gso", dry_run, room, self._scratch)]
             how = "udp-tunnel"
         else:
             try:
@@ -203,17 +202,16 @@ class VxlanEncap(Stage):
         """
         if flags & VNET_F_NEEDS_CSUM and not csum_start & 1:
             hdr = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, 0, 0, OUTER + csum_start, csum_offset)
-            return self._frame(hdr, frame, src, dst, sport, tos, 1, (csum_start, csum_offset), dry_run, room,
-                               room is not None)
+            return self._frame(hdr, frame, src, dst, sport, tos, 1, (csum_start, csum_offset), dry_run, room)
         if flags & VNET_F_NEEDS_CSUM:  # an odd start breaks the word alignment lco_csum relies on
             frame, room = segment.segment(bytes(VNET_HDR.pack(flags, 0, 0, 0, csum_start, csum_offset)) + frame)[0], None
-        return self._frame(bytes(VNET_LEN), frame, src, dst, sport, tos, 1, "full", dry_run, room, room is not None)
+        return self._frame(bytes(VNET_LEN), frame, src, dst, sport, tos, 1, "full", dry_run, room)
 
     def _frame(self, vnet: bytes, frame, src: int, dst: int, sport: int, tos: int, segs: int, csum, dry_run: bool,
-               into=None, placed: bool = False):
-        """``vnet`` + outer Ethernet/IPv4/UDP/VXLAN + ``frame``, written into ``into`` or a new buffer
-        (``placed``: ``frame`` already sits at the end of ``into``, the headroom case, so only the
-        headers are written). The outer UDP checksum: ``"gso"``, the pseudo-header sum (completed
+               room=None, into=None):
+        """``vnet`` + outer Ethernet/IPv4/UDP/VXLAN + ``frame``: in ``room`` (``frame`` with the
+        headroom in front of it: only the headers are written), else copied into ``into``, else
+        into a new buffer. The outer UDP checksum: ``"gso"``, the pseudo-header sum (completed
         per segment, as udp_set_csum leaves it for GSO); a pair (csum_start, csum_offset) of a
         pending inner checksum: local checksum offload; ``"full"``."""
         vt = self.vtep
@@ -221,14 +219,14 @@ class VxlanEncap(Stage):
         ulen = 8 + vxlan.VXLAN_HLEN + n
         ident = 0 if dry_run else vxlan.IDENTS.reserve(src, dst, PROTO_UDP, segs)
         size = VNET_LEN + OUTER + n
-        out = bytearray(size) if into is None else into[:size]
+        out = room if room is not None else bytearray(size) if into is None else into[:size]
         out[:VNET_LEN] = vnet
         out[VNET_LEN:L3] = _ETH
         IPV4_HDR.pack_into(out, L3, 0x45, tos, 20 + ulen, ident, 0, vxlan.OUTER_TTL, PROTO_UDP, 0, src, dst)
         set_ip_checksum(out, L3)
         l4 = L3 + 20
         _UDP_VX.pack_into(out, l4, sport, vt.port, ulen, 0, vxlan.VXLAN_FLAG_I << 24, vt.vni << 8)
-        if not placed:
+        if room is None:
             out[l4 + 16:] = frame
         pseudo = segment.pseudo_sum(src, dst, PROTO_UDP, ulen)
         if csum == "gso":
