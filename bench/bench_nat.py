@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import ipaddress
+import json
 import os
 import statistics
 import struct
@@ -42,8 +43,10 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import floor  # noqa: E402
 from common import (checked_args, ensure_sandbox, percentile, run_args, py_json, py_start, py_stop, ratio, save,  # noqa: E402
                     table, tcp_gbps_to)
+from vswitch.netns import run  # noqa: E402
 
 CLUSTER_CIDR = "10.244.0.0/16"
 V_SERVER, V_CLIENT, K_SERVER, K_CLIENT = "vs", "vc", "ks", "kc"
@@ -168,8 +171,15 @@ print(json.dumps({"lat": [x for r in res for x in r["lat"]], "failed": sum(r["fa
 
 # --- lab side -----------------------------------------------------------------------------------------
 
-def connect_run(client: str, ip: str, seconds: float, limit: int, workers: int = 1, port: int = CONN_PORT) -> dict:
-    out = py_json(client, CONNECTOR, ip, port, seconds, limit, workers, timeout=seconds + 60)
+def connect_run(client: str, ip: str, seconds: float, limit: int, workers: int = 1, port: int = CONN_PORT,
+                netns: bool = False) -> dict:
+    """The CONNECTOR in lab member ``client`` (or, with ``netns``, in the namespace of that name)."""
+    args = (ip, port, seconds, limit, workers)
+    if netns:
+        res = run([sys.executable, "-c", CONNECTOR, *map(str, args)], netns=client, timeout=seconds + 60)
+        out = json.loads(res.stdout)
+    else:
+        out = py_json(client, CONNECTOR, *args, timeout=seconds + 60)
     lat = out["lat"]
     return {"rate": out["rate"], "connections": len(lat), "failed": out["failed"],
             "median_us": statistics.median(lat) if lat else 0.0, "p99_us": percentile(lat, 99)}
@@ -198,7 +208,6 @@ def load_services(st: dict, text: str, removed: str = "") -> dict:
     from vswitch import control
     from vswitch.lab import lab
     from vswitch.lab.kubeproxy import render
-    from vswitch.netns import run
     m = load_text(text, "bench")
     took = {"vswitch": 0.0, "kernel": 0.0}
     for name, info in st["nodes"].items():
@@ -213,6 +222,14 @@ def load_services(st: dict, text: str, removed: str = "") -> dict:
             run(["iptables-restore"], netns=name, input=rules)
         took[info["dataplane"]] = max(took[info["dataplane"]], time.perf_counter() - t0)
     return took
+
+
+def floor_run(args) -> dict:
+    """The same connection loop through two bare Python TAP relays (bench/floor.py): the rate a
+    vswitch node pair could reach if its pipeline cost nothing."""
+    with floor.relays(ACCEPTOR, floor.SERVER_IP, SERVER_PORT) as (client, server_ip):
+        connect_run(client, server_ip, 1, 50, port=SERVER_PORT, netns=True)
+        return connect_run(client, server_ip, args.seconds, args.max_conns, CLIENTS, SERVER_PORT, netns=True)
 
 
 def lab_runs(args, counts) -> dict:
@@ -237,6 +254,7 @@ def lab_runs(args, counts) -> dict:
                 connect_run(cli, ip, 1, 50, port=port)  # warm-up: ARP, FDB, flow cache
                 runs[how] = connect_run(cli, ip, args.seconds, args.max_conns, CLIENTS, port)
             out["conns"].append(runs)
+        out["floor"] = floor_run(args)
         # back to the fewest at the end: how far the figures move with the Services unchanged
         for i, n in enumerate((*counts, counts[0])):
             before = counts[i - 1] if i else n
@@ -361,7 +379,16 @@ def report(args, res: dict) -> None:
         rd = ratio(v["direct"]["rate"], k["direct"]["rate"])
         rows += [["ratio vswitch/kernel", f"{r:.2f}x", "", "", "", "", f"{rd:.2f}x", ""],
                  ["goal", f">= {GOAL_CONN_RATIO}x"] + [""] * 6, ["met", yes(r >= GOAL_CONN_RATIO)] + [""] * 6]
+        f = res.get("floor")
+        if f:
+            rows.append(["floor: 2 bare Python TAP relays", "", f"{f['connections']:,}", str(f["failed"]), "", "",
+                         f"{f['rate']:,.0f}", f"{f['median_us']:,.0f}"])
         print(table(rows))
+        if f:
+            print(f"floor: the pod IP loop through two relays that only read and write each frame "
+                  f"(bench/floor.py), where the two vswitch nodes sit: {ratio(f['rate'], k['service']['rate']):.2f}x "
+                  f"the kernel's ClusterIP rate, {ratio(v['direct']['rate'], f['rate']):.2f}x of it reached "
+                  f"by vswitch's pod IP loop")
     if res.get("scale"):
         scale = res["scale"]
         print("\n3. one connect/close loop to the Service that sorts last, by number of Services on every node")
