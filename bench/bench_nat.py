@@ -227,9 +227,14 @@ def load_services(st: dict, text: str, removed: str = "") -> dict:
 def floor_run(args) -> dict:
     """The same connection loop through two bare Python TAP relays (bench/floor.py): the rate a
     vswitch node pair could reach if its pipeline cost nothing."""
-    with floor.relays(ACCEPTOR, floor.SERVER_IP, SERVER_PORT) as (client, server_ip):
-        connect_run(client, server_ip, 1, 50, port=SERVER_PORT, netns=True)
-        return connect_run(client, server_ip, args.seconds, args.max_conns, CLIENTS, SERVER_PORT, netns=True)
+    with floor.relays() as (client, server, server_ip):
+        acceptor = floor.start([sys.executable, "-u", "-c", ACCEPTOR, server_ip, str(SERVER_PORT)], server)
+        try:
+            connect_run(client, server_ip, 1, 50, port=SERVER_PORT, netns=True)
+            return connect_run(client, server_ip, args.seconds, args.max_conns, CLIENTS, SERVER_PORT, netns=True)
+        finally:
+            acceptor.kill()
+            acceptor.wait()
 
 
 def lab_runs(args, counts) -> dict:

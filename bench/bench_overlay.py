@@ -22,7 +22,9 @@ over minutes). For rows whose sending node runs vswitch, "segments/frame" is
 how many wire packets each frame the VTEP sent carried (tunnel super-frames,
 or datagrams per sendmsg on the socket datapath). Runs are sequential, so two
 paths never share the CPUs at the same time; the idle nodes' daemons stay
-asleep. --quick: 2-second runs.
+asleep. Each round also runs the same TCP stream through two bare Python TAP
+relays where the two vswitch nodes sit (bench/floor.py, no VXLAN): what a
+Python TAP dataplane with no work at all reaches here. --quick: 2-second runs.
 
 The lab has no topology key for the overlay's datapath: this script wraps the
 lab's overlay-section builder (vswitch.lab.lab._vswitch_overlay) for n1 and n2
@@ -38,6 +40,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import floor  # noqa: E402
 from common import (checked_args, ensure_sandbox, ratio, run_args, save, table, tcp_gbps,  # noqa: E402
                     udp_small_pps)
 
@@ -133,16 +136,20 @@ def main() -> int:
                 raise SystemExit(f"node {n} came up with the wrong datapath (offloads {offloads[n]})")
         for key, _, srv, cli in PATHS:
             res[key] = measure(st, srv, cli, args.seconds)
-        rounds = {"k-k": [res["k-k"]["tcp_gbps"]], "v-v": [res["v-v"]["tcp_gbps"]]}
-        for _ in range(args.rounds - 1):
-            for key, _, srv, cli in PATHS[:2]:
-                rounds[key].append(tcp_gbps(srv, cli, st["pods"][srv]["ip"], args.seconds))
+        rounds = {"k-k": [res["k-k"]["tcp_gbps"]], "v-v": [res["v-v"]["tcp_gbps"]], "floor": []}
+        with floor.relays():
+            for i in range(args.rounds):
+                if i:
+                    for key, _, srv, cli in PATHS[:2]:
+                        rounds[key].append(tcp_gbps(srv, cli, st["pods"][srv]["ip"], args.seconds))
+                rounds["floor"].append(floor.tcp_gbps(args.seconds))
     finally:
         lab.down()
 
     ref = res[PATHS[0][0]]
     round_ratios = [v / k if k else 0.0 for k, v in zip(rounds["k-k"], rounds["v-v"])]
     goal_ratio = statistics.median(round_ratios)
+    floor_ratio = statistics.median(f / k if k else 0.0 for k, f in zip(rounds["k-k"], rounds["floor"]))
     print(f"{title}, {args.seconds:g} s per run{' (--quick)' if args.quick else ''}, CPUs: {os.cpu_count()}")
     print("VTEP offloads: " + ", ".join(f"{n} {'+'.join(o) or 'none'}" for n, o in offloads.items()))
     rows = [["path", "TCP Gbit/s", "TCP ratio", "64B pps delivered (best)", "pps ratio", "64B pps <1% loss",
@@ -159,13 +166,18 @@ def main() -> int:
     rows += [["TCP rounds k-k / v-v", " ".join(f"{x:.2f}" for x in rounds["k-k"]),
               " ".join(f"{x:.2f}" for x in rounds["v-v"]), "", "", "", "", ""],
              ["median round ratio", "", f"{goal_ratio:.2f}x", "", "", "", "", ""],
+             ["floor: 2 bare Python TAP relays", " ".join(f"{x:.2f}" for x in rounds["floor"]),
+              f"{floor_ratio:.2f}x", "", "", "", "", ""],
              ["goal (vswitch -> vswitch)", "", f">= {GOAL_TCP_RATIO}x", "", "", "", "", ""],
              ["met", "", "yes" if met else "NO", "", "", "", "", ""]]
     print(table(rows))
     print("ratios: against kernel -> kernel; numbers vary from run to run (2 CPUs shared with everything else)")
+    print("floor: TCP through two relays that only read and write each frame (bench/floor.py) where the two\n"
+          "vswitch nodes sit, without VXLAN: a bound on any Python TAP dataplane here (median round ratio)")
     save(args.json, {"paths": {k: {"label": label, "server": s, "client": c, **res[k]} for k, label, s, c in PATHS},
                      "offloads": offloads, "seconds": args.seconds, "quick": args.quick,
                      "tcp_rounds": rounds, "tcp_round_ratios": round_ratios, "tcp_ratio": goal_ratio,
+                     "floor_tcp_ratio": floor_ratio,
                      "goals": {"tcp_ratio": GOAL_TCP_RATIO}})
     return 0
 

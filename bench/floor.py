@@ -13,12 +13,15 @@ vswitch node pair in the same place can reach.
 
 Client and server share one subnet (the relays do not route), so the path has
 the lab's hops but none of its decisions. Used by bench_nat.py (connection
-rate); everything lives in namespaces created here and deleted on exit.
+rate) and bench_overlay.py (TCP; the relays carry the pods' frames without
+any VXLAN header, so the bound is looser there); everything lives in
+namespaces created here and deleted on exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -58,7 +61,9 @@ uvloop.run(main())
 """
 
 
-def _start(argv: list) -> subprocess.Popen:
+def start(argv: list, netns: str = "") -> subprocess.Popen:
+    """Start ``argv`` (in ``netns``) and wait for its first line, which must be "ready"."""
+    argv = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -67,9 +72,8 @@ def _start(argv: list) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def relays(server_code: str, *server_args: object):
-    """The relay path up, ``python3 -c server_code server_args`` started in the server namespace
-    (it prints a line when ready); yields (client netns, server address). All removed on exit."""
+def relays():
+    """The relay path up; yields (client netns, server netns, server address). All removed on exit."""
     procs: list = []
     made: list = []
     try:
@@ -81,21 +85,38 @@ def relays(server_code: str, *server_args: object):
         ip("link", "set", "br0", "up", netns=UNDERLAY)
         for i, (ns, addr) in enumerate(((CLIENT, CLIENT_IP), (SERVER, SERVER_IP)), 1):
             # the pod end is made as "fpodN" (names are per namespace only once it has moved)
-            procs.append(_start([sys.executable, "-c", RELAY, f"fpod{i}", ns, f"fup{i}", UNDERLAY]))
+            procs.append(start([sys.executable, "-c", RELAY, f"fpod{i}", ns, f"fup{i}", UNDERLAY]))
             ip("link", "set", f"fpod{i}", "name", "eth0", netns=ns)
             ip("addr", "add", f"{addr}/24", "dev", "eth0", netns=ns)
             ip("link", "set", f"fup{i}", "master", "br0", netns=UNDERLAY)
-        procs.append(_start(["ip", "netns", "exec", SERVER, sys.executable, "-u", "-c", server_code,
-                             *map(str, server_args)]))
         deadline = time.monotonic() + 5  # the first ping also fills both neighbour caches
         while subprocess.run(["ip", "netns", "exec", CLIENT, "ping", "-c", "1", "-W", "1", SERVER_IP],
                              capture_output=True).returncode != 0:
             if time.monotonic() > deadline:
                 raise RuntimeError("floor: the relays do not carry a ping")
-        yield CLIENT, SERVER_IP
+        yield CLIENT, SERVER, SERVER_IP
     finally:
         for p in procs:
             p.kill()
             p.wait()
         for ns in made:
             ip("netns", "del", ns, check=False)
+
+
+def tcp_gbps(seconds: float) -> float:
+    """Single-stream iperf3 TCP from the floor's client to its server (inside ``relays()``)."""
+    srv = subprocess.Popen(["ip", "netns", "exec", SERVER, "iperf3", "-s", "-1", "-B", SERVER_IP],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while ":5201" not in subprocess.run(["ip", "netns", "exec", SERVER, "ss", "-Hltn"],
+                                            capture_output=True, text=True).stdout:
+            if srv.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("floor: the iperf3 server did not start")
+            time.sleep(0.05)
+        res = subprocess.run(["ip", "netns", "exec", CLIENT, "iperf3", "-J", "-c", SERVER_IP, "-t", str(seconds)],
+                             capture_output=True, text=True, timeout=seconds + 30)
+        return json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+    finally:
+        srv.kill()
+        srv.wait()
