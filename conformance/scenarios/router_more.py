@@ -216,7 +216,10 @@ def _echo(c, src: str, dst: str, ident: int, ttl: int = 64, dst_mac: str = None)
     return {"replies": [{"src": role_ip(c, f[IP].src), "ttl": f[IP].ttl, "id_ok": f[ICMP].id == ident,
                          "payload": bytes(f[ICMP].payload).decode(errors="replace")}
                         for f in seen[src] if ICMP in f and f[ICMP].type == 0],
-            "errors": [icmp_error(c, [f]) for f in seen[src] if ICMP in f and f[ICMP].type != 0]}
+            # only errors about this echo: a late port unreachable from an earlier probe's target
+            # (b1's, say) can still be on its way when this probe starts watching
+            "errors": [icmp_error(c, [f]) for f in seen[src] if ICMP in f and f[ICMP].type != 0
+                       and IPerror in f and f[IPerror].proto == 1 and f[IPerror].dst == dst]}
 
 
 @scenario("hostgw", spec="item 9")
