@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import struct
 
-from router.ipv4 import IPV4_HDR, PROTO_UDP, checksum, ip_str, set_ip_checksum
+from router.ipv4 import IPV4_HDR, PROTO_UDP, checksum, ip_str
 from vswitch.packet import (ETH_P_IP, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, GSO_UDP_TUNNEL, VNET_F_DATA_VALID,
                             VNET_F_NEEDS_CSUM, VNET_F_UDP_TUNNEL_CSUM, VNET_HDR, VNET_LEN, Packet, headroom)
 from vswitch.ports.base import RX_SIZE
@@ -46,6 +46,8 @@ L3 = VNET_LEN + 14
 OUTER = 14 + 20 + 8 + vxlan.VXLAN_HLEN  # 50 bytes in front of the inner frame
 _UDP_VX = struct.Struct("!HHHHII")
 _ETH = bytes(12) + ETH_P_IP.to_bytes(2, "big")  # MACs: ip4-rewrite's job
+_OUTER_TOS = tuple(vxlan.ecn_encap(0, ecn) for ecn in range(4))  # by the inner ECN field
+_IP_WORDS = 0x4500 + (vxlan.OUTER_TTL << 8 | PROTO_UDP)  # the outer IP header's fixed words (tos added)
 
 
 class EncapSource:
@@ -149,7 +151,7 @@ class VxlanEncap(Stage):
         frame = memoryview(buf)[VNET_LEN:]
         flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(buf, 0)
         gso = gso_type & 0x1F
-        tos = vxlan.ecn_encap(0, frame[14 + 1])  # flannel's tos 0: only ECN is carried
+        tos = _OUTER_TOS[frame[14 + 1] & 3]  # flannel's tos 0: only ECN is carried
         src = vt.local
         room = None if dry_run else headroom(buf, OUTER)  # a dry run leaves the frame as it was
         if gso == GSO_NONE:
@@ -170,7 +172,7 @@ class VxlanEncap(Stage):
                 return e.reason
             frames = [self._plain(p, 0, 0, 0, src, dst, sport, tos, dry_run) for p in pieces]
             segs, how = len(frames), "software"
-        nbytes = sum(len(f) for f in frames) - len(frames) * (VNET_LEN + OUTER)
+        nbytes = (len(frames[0]) if len(frames) == 1 else sum(map(len, frames))) - len(frames) * (VNET_LEN + OUTER)
         if not dry_run:
             if how == "software":
                 self.software_frames += 1
@@ -222,15 +224,21 @@ class VxlanEncap(Stage):
         out = room if room is not None else bytearray(size) if into is None else into[:size]
         out[:VNET_LEN] = vnet
         out[VNET_LEN:L3] = _ETH
-        IPV4_HDR.pack_into(out, L3, 0x45, tos, 20 + ulen, ident, 0, vxlan.OUTER_TTL, PROTO_UDP, 0, src, dst)
-        set_ip_checksum(out, L3)
+        # The IP header checksum from the header's 16-bit words, summed here rather than read back
+        # from the buffer; the sum of the addresses serves the UDP pseudo-header too.
+        addrs = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
+        h = _IP_WORDS + tos + 20 + ulen + ident + addrs
+        h = (h & 0xFFFF) + (h >> 16)
+        h = (h & 0xFFFF) + (h >> 16)
+        IPV4_HDR.pack_into(out, L3, 0x45, tos, 20 + ulen, ident, 0, vxlan.OUTER_TTL, PROTO_UDP, ~h & 0xFFFF, src, dst)
         l4 = L3 + 20
         _UDP_VX.pack_into(out, l4, sport, vt.port, ulen, 0, vxlan.VXLAN_FLAG_I << 24, vt.vni << 8)
         if room is None:
             out[l4 + 16:] = frame
-        pseudo = segment.pseudo_sum(src, dst, PROTO_UDP, ulen)
-        if csum == "gso":
-            c = segment.pseudo_field(src, dst, PROTO_UDP, ulen)
+        pseudo = addrs + PROTO_UDP + ulen
+        if csum == "gso":  # the folded pseudo-header sum, uncomplemented (segment.pseudo_field)
+            c = (pseudo & 0xFFFF) + (pseudo >> 16)
+            c = (c & 0xFFFF) + (c >> 16)
         elif csum == "full":
             c = checksum(memoryview(out)[l4:], pseudo) or 0xFFFF
         else:  # headers up to the inner checksum start, plus the complement of the pending field
@@ -311,8 +319,9 @@ class VxlanDecap(Stage):
         l4 = L3 + hlen
         ulen = (buf[l4 + 4] << 8) | buf[l4 + 5]
         if reason is None:
-            reason = vxlan.check_udp(buf, l4, L3 + tot, src, int.from_bytes(buf[L3 + 16:L3 + 20], "big"),
-                                     verify=not flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
+            verify = not flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID)
+            dst = int.from_bytes(buf[L3 + 16:L3 + 20], "big") if verify else 0  # only the checksum needs it
+            reason = vxlan.check_udp(buf, l4, L3 + tot, src, dst, verify=verify)
         outer_tos = buf[L3 + 1]
         if reason is None:
             reason = vxlan.check_payload(memoryview(buf)[l4 + 8:l4 + ulen], vnis=vt.vnis, vtep_mac=vt.mac,
@@ -332,7 +341,8 @@ class VxlanDecap(Stage):
             itype, ihdr = gso_type & ~GSO_UDP_TUNNEL & ~0x40, max(hdr_len - delta, 0)
         else:
             itype = ihdr = gso_size = 0
-        ce = vxlan.sets_ce(buf, outer_tos, inner) if dry_run else vxlan.propagate_ce(buf, outer_tos, inner)
+        ce = outer_tos & 3 == vxlan.ECN_CE and (vxlan.sets_ce(buf, outer_tos, inner) if dry_run
+                                                else vxlan.propagate_ce(buf, outer_tos, inner))
         vni = (buf[l4 + 12] << 16) | (buf[l4 + 13] << 8) | buf[l4 + 14]  # read before the header goes
         VNET_HDR.pack_into(buf, inner - VNET_LEN, iflags, itype, ihdr, gso_size, istart, csum_offset)
         end = l4 + ulen

@@ -371,6 +371,22 @@ def test_encap_carries_only_the_ecn_field_and_ce_as_ect0(pair, inner_tos, outer_
     assert Ether(pair.delivered("b")[0].frame)[IP].tos == inner_tos
 
 
+@pytest.mark.parametrize("ident", [0, 0x7FFF, 0xFFFE, 0xFFFF])
+def test_outer_ip_checksum_holds_for_any_id_length_and_tos(pair, ident):
+    """vxlan-encap sums the outer IP header's checksum from its fields instead of reading the
+    header back: it must verify for IDs up to the wrap, short and super-sized frames, any ECN."""
+    from overlay import vxlan
+    key = (ip_int(NODES["a"][0]), ip_int(NODES["b"][0]), 17)
+    for size, gso, tos in ((1, GSO_NONE, CE), (1400, GSO_NONE, 1), (5000, GSO_TCPV4, ECT0), (60000, GSO_TCPV4, 0)):
+        vxlan.IDENTS._next[key] = ident
+        frame, vnet = with_partial_csum(pair, tcp(pattern(size), tos=tos), gso)
+        (w,) = pair.send("a", frame, vnet)
+        o = outer_fields(w.frame)
+        assert o["id"] == ident and o["tos"] == (ECT0 if tos == CE else tos)
+        assert ip_header_ok(w.frame), (size, tos)
+        assert len(pair.delivered("b")) == 1
+
+
 def test_inner_fragments_cross_one_outer_frame_each_in_order(pair):
     """A datagram over flannel.1's MTU without DF is fragmented first (ip4-forward), then each
     fragment is encapsulated on its own."""
