@@ -7,6 +7,7 @@ path of the offending field (module docstring: ``ports[1].mtu: ...``).
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 
@@ -61,6 +62,20 @@ def test_good_config_parses_with_values_and_defaults():
                                  "hairpin": False}
     assert by_name["mem"]["type"] == "memory" and by_name["mem"]["hairpin"] is False
     assert by_name["pod2"]["type"] == "tap" and by_name["pod2"]["ifname"] == "pod2"
+
+
+def test_cpus_are_kept_in_order_and_default_to_none():
+    assert parse({"name": "n", "cpus": [3, 1]}).cpus == [3, 1]
+    assert parse({"name": "n"}).cpus == []
+
+
+def test_pinning_to_a_cpu_this_process_cannot_use_is_refused_by_name():
+    from vswitch.daemon import pin_cpus
+    before = os.sched_getaffinity(0)
+    with pytest.raises(ConfigError) as ei:
+        pin_cpus([max(before) + 1, min(before)])
+    assert ei.value.path == "cpus" and f"CPU {max(before) + 1} is not available" in str(ei.value)
+    assert os.sched_getaffinity(0) == before  # nothing changed
 
 
 def test_minimal_config_defaults():
@@ -185,6 +200,11 @@ BAD = [
     ("unknown-metrics-key", {"name": "n", "metrics": {"listen": "127.0.0.1:1", "port": 1}}, "metrics.port",
      "unknown key"),
     ("bridge-not-mapping", {"name": "n", "bridge": [1]}, "bridge", "mapping"),
+    ("cpus-empty", {"name": "n", "cpus": []}, "cpus", "non-empty list"),
+    ("cpus-not-list", {"name": "n", "cpus": 1}, "cpus", "e.g. [1]"),
+    ("cpus-negative", {"name": "n", "cpus": [-1]}, "cpus[0]", "from 0 to"),
+    ("cpus-bool", {"name": "n", "cpus": [0, True]}, "cpus[1]", "integer"),
+    ("cpus-twice", {"name": "n", "cpus": [1, 1]}, "cpus", "twice"),
 ]
 
 

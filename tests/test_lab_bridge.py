@@ -221,6 +221,43 @@ def test_invalid_node_config_rejected_before_creating_anything(tmp_path, bad, fi
     assert not os.path.exists(sock)
 
 
+def test_node_cpus_pin_its_daemon(make_lab):
+    """A topology node's cpus: reach its daemon's config, which pins itself at start."""
+    cpu = max(os.sched_getaffinity(0))
+    topo = topology("pinned", ["pa"])
+    topo["nodes"][0]["cpus"] = [cpu]
+    st = make_lab(topo)
+    assert os.sched_getaffinity(st["nodes"]["node1"]["pid"]) == {cpu}
+    assert ping("pa", str(ipaddress.ip_network(POD_CIDR).network_address + 1)) == 2  # and it forwards
+
+
+@pytest.mark.parametrize("node, words", [
+    ({"dataplane": "kernel", "cpus": [0]}, "only a vswitch node"),
+    ({"cpus": "0-1"}, "non-empty list"),
+])
+def test_bad_node_cpus_name_the_field(node, words):
+    from vswitch.config import ConfigError
+    from vswitch.lab.topology import parse
+    topo = topology("badcpus", ["pa"])
+    topo["nodes"][0].update(node)
+    with pytest.raises(ConfigError) as ei:
+        parse(topo)
+    assert ei.value.path == "nodes[0].cpus" and words in str(ei.value)
+
+
+def test_a_cpu_the_machine_lacks_stops_the_daemon_before_it_creates_anything(tmp_path):
+    missing = max(os.sched_getaffinity(0)) + 1
+    cfg = {"name": "pinned", "ports": [{"name": "vtpin0", "type": "tap"}], "cpus": [missing],
+           "control": {"socket": str(tmp_path / "pin.sock")}}
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    before = list_links()
+    res = cli("run", "--config", str(path), timeout=20)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert f"cpus: CPU {missing} is not available to this process" in res.stderr, res.stderr
+    assert list_links() == before
+
+
 def test_invalid_topology_rejected_and_leaves_no_lab(tmp_path):
     topo = topology("badlab", ["ok1"])
     topo["pods"].append({"name": "lost", "node": "node9"})

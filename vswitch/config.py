@@ -135,6 +135,7 @@ class NodeConfig:
     flow_cache: int = DEFAULT_FLOW_CACHE  # flows kept; 0 turns the cache off
     nat: dict | None = None  # see _nat
     overlay: dict | None = None  # see _overlay
+    cpus: List[int] = field(default_factory=list)  # CPUs the daemon runs on (sched_setaffinity); [] = any
 
 
 LATER = {
@@ -147,7 +148,7 @@ SCHEDULERS = ("random", "rr", "lc", "sh", "mh")
 def parse(doc: Any) -> NodeConfig:
     """Validate a config mapping (already loaded from YAML) into a NodeConfig."""
     _keys(doc, "", {"name", "bridge", "ports", "control", "log", "router", "flow_cache", "nat", "overlay",
-                "metrics"},
+                "metrics", "cpus"},
           {"name"}, later=LATER)
     cfg = NodeConfig(name=_name(doc["name"], "name", what="a node name"))
     cfg.flow_cache = _int(doc.get("flow_cache", DEFAULT_FLOW_CACHE), "flow_cache", 0, 10_000_000)
@@ -226,7 +227,22 @@ def parse(doc: Any) -> NodeConfig:
         except ValueError as e:
             raise ConfigError("metrics.listen", str(e)) from None
         cfg.metrics_listen = metrics["listen"]
+    if doc.get("cpus") is not None:
+        cfg.cpus = cpu_list(doc["cpus"], "cpus")
     return cfg
+
+
+MAX_CPU = 4095
+
+
+def cpu_list(v: Any, path: str) -> List[int]:
+    """A non-empty list of distinct CPU numbers, e.g. [1] or [2, 3]."""
+    if not isinstance(v, list) or not v:
+        raise ConfigError(path, f"must be a non-empty list of CPU numbers, e.g. [1], got {v!r}")
+    cpus = [_int(c, f"{path}[{i}]", 0, MAX_CPU) for i, c in enumerate(v)]
+    if len(set(cpus)) != len(cpus):
+        raise ConfigError(path, f"lists a CPU twice: {v!r}")
+    return cpus
 
 
 IFACE_KEYS = {"name", "address", "addresses", "mac", "mtu", "port", "host", "redirects"}

@@ -251,6 +251,8 @@ def _start_vswitch(node, pods, info: dict, st: dict, uport: str, underlay_mtu: i
         "nat": nat,
         "control": {"socket": sock},
     }
+    if node.cpus:
+        cfg["cpus"] = node.cpus
     if overlay is not None:
         cfg["overlay"] = overlay
         # the VTEP binds the node address before the host port holding it exists

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 
-from ..config import ConfigError, _int, _join, _keys, _name, load_yaml
+from ..config import ConfigError, _int, _join, _keys, _name, cpu_list, load_yaml
 
 RESERVED = {"underlay", "uplink", "host"}  # the underlay namespace; port names of every vswitch node
 DATAPLANES = ("vswitch", "kernel")
@@ -24,6 +24,7 @@ class NodeSpec:
     pod_cidr: ipaddress.IPv4Network
     dataplane: str = "vswitch"
     mtu: int = 1500
+    cpus: List[int] = field(default_factory=list)  # the vswitch daemon's CPUs (its config's cpus:)
 
     @property
     def gateway(self) -> ipaddress.IPv4Interface:
@@ -115,7 +116,7 @@ def parse(doc: Any, base_dir: str = ".") -> Topology:
         raise ConfigError("nodes", "a lab needs at least one node")
     for i, n in enumerate(raw_nodes):
         path = f"nodes[{i}]"
-        _keys(n, path, {"name", "address", "podCIDR", "dataplane", "mtu"}, {"name", "address", "podCIDR"})
+        _keys(n, path, {"name", "address", "podCIDR", "dataplane", "mtu", "cpus"}, {"name", "address", "podCIDR"})
         spec = NodeSpec(
             name=claim(n["name"], _join(path, "name")),
             address=_iface(n["address"], _join(path, "address")),
@@ -126,6 +127,10 @@ def parse(doc: Any, base_dir: str = ".") -> Topology:
         )
         if spec.dataplane not in DATAPLANES:
             raise ConfigError(_join(path, "dataplane"), f"must be one of {', '.join(DATAPLANES)}, got {spec.dataplane!r}")
+        if n.get("cpus") is not None:
+            if spec.dataplane != "vswitch":
+                raise ConfigError(_join(path, "cpus"), "only a vswitch node has a daemon to pin")
+            spec.cpus = cpu_list(n["cpus"], _join(path, "cpus"))
         if not spec.pod_cidr.subnet_of(pod_cidr):
             raise ConfigError(_join(path, "podCIDR"), f"{spec.pod_cidr} is not inside cluster.podCIDR {pod_cidr}")
         if spec.pod_cidr.num_addresses < 4:
