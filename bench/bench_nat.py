@@ -22,6 +22,10 @@ holds every Service; each Service has one endpoint (the pair's server pod).
 4. in-process, no lab: bytes per conntrack entry (tracemalloc) after N SYNs
    to a ClusterIP through a node's pipeline.
 
+v1's and v2's daemons run on CPUs of their own (their config's cpus:, as
+userspace datapaths are deployed; the floor's relays likewise); --no-pin
+leaves them wherever the kernel puts them.
+
 Runs are sequential, so the two dataplanes never share the CPUs at the same
 time; every loop is bounded in time and in count. --quick: short runs,
 10 and 1,000 Services, 10,000 conntrack entries.
@@ -44,8 +48,8 @@ import tracemalloc
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import floor  # noqa: E402
-from common import (checked_args, ensure_sandbox, percentile, run_args, py_json, py_start, py_stop, ratio, save,  # noqa: E402
-                    table, tcp_gbps_to)
+from common import (checked_args, ensure_sandbox, percentile, pinned_cpus, run_args, py_json, py_start,  # noqa: E402
+                    py_stop, ratio, save, table, tcp_gbps_to, with_cpus)
 from vswitch.netns import run  # noqa: E402
 
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -227,7 +231,8 @@ def load_services(st: dict, text: str, removed: str = "") -> dict:
 def floor_run(args) -> dict:
     """The same connection loop through two bare Python TAP relays (bench/floor.py): the rate a
     vswitch node pair could reach if its pipeline cost nothing."""
-    with floor.relays() as (client, server, server_ip):
+    pins = args.pins
+    with floor.relays(cpus=(pins["v1"], pins["v2"]) if pins else None) as (client, server, server_ip):
         acceptor = floor.start([sys.executable, "-u", "-c", ACCEPTOR, server_ip, str(SERVER_PORT)], server)
         try:
             connect_run(client, server_ip, 1, 50, port=SERVER_PORT, netns=True)
@@ -245,7 +250,7 @@ def lab_runs(args, counts) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "services.yaml"), "w") as f:
             f.write(manifests(counts[0]))
-        st = lab.up(parse(dict(TOPOLOGY, manifests=["services.yaml"]), tmp), log=lambda *a: None)
+        st = lab.up(parse(dict(with_cpus(TOPOLOGY, args.pins), manifests=["services.yaml"]), tmp), log=lambda *a: None)
     servers = []
     try:
         for _, _, srv, _, _, _ in PAIRS:
@@ -364,6 +369,8 @@ def yes(ok: bool) -> str:
 def report(args, res: dict) -> None:
     print(f"Service (nat) benchmark, {args.seconds:g} s per run, CPUs: {os.cpu_count()}"
           f"{' (--quick)' if args.quick else ''}")
+    if res.get("conns"):
+        print("daemon CPUs: " + (", ".join(f"{n} {c}" for n, c in args.pins.items()) or "not pinned"))
     if res.get("tcp"):
         k, v = res["tcp"]
         print("\n1. single-stream TCP through a ClusterIP (client node DNATs, routes to the endpoint's node)")
@@ -436,7 +443,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Service (nat/) benchmark: vswitch vs kube-proxy's iptables rules")
     run_args(ap)  # --quick: 10 and 1,000 Services, 10,000 entries
     ap.add_argument("--only", choices=PARTS, help="run only the lab part (1-3) or only the memory part (4)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="leave the vswitch daemons unpinned (default: v1 and v2 on CPUs of their own)")
     args = checked_args(ap)
+    args.pins = {} if args.no_pin else pinned_cpus(("v1", "v2"))
     counts = (10, 1000) if args.quick else (10, 1000, 10000)
     args.max_conns = 20_000 if args.quick else 200_000
     res: dict = {"seconds": args.seconds, "quick": args.quick}

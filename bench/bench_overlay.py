@@ -9,6 +9,8 @@ nodes, one pod each:
     k1, k2  kernel: cni0 + veth pods, flannel.1 (the kernel's vxlan device, as flannel builds it)
     v1, v2  vswitch with its defaults: the pipeline datapath (vxlan-encap/vxlan-decap stages on
             the uplink; TCP super-frames cross the tunnel whole, as UDP-tunnel GSO frames)
+            Each pair's two daemons run on CPUs of their own (their config's cpus:, as userspace
+            datapaths are deployed); --no-pin leaves them wherever the kernel puts them.
     n1, n2  vswitch with `datapath: socket`: the VTEP's own UDP sockets in the node's host
             stack (software segmentation, UDP GSO on send, UDP GRO and TCP merging on receive)
 
@@ -41,8 +43,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import floor  # noqa: E402
-from common import (checked_args, ensure_sandbox, ratio, run_args, save, table, tcp_gbps,  # noqa: E402
-                    udp_small_pps)
+from common import (checked_args, ensure_sandbox, pinned_cpus, ratio, run_args, save, table, tcp_gbps,  # noqa: E402
+                    udp_small_pps, with_cpus)
 
 TOPOLOGY = {
     "name": "bench-overlay",
@@ -119,6 +121,8 @@ def main() -> int:
     run_args(ap)
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved kernel/vswitch TCP runs for the goal ratio (default 3)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="leave the vswitch daemons unpinned (default: each pair's two on CPUs of their own)")
     args = checked_args(ap)
     if not 1 <= args.rounds <= 20:
         ap.error("--rounds must be in [1, 20]")
@@ -127,7 +131,8 @@ def main() -> int:
     from vswitch.lab.topology import parse
 
     with_overlay_options(SOCKET)
-    st = lab.up(parse(TOPOLOGY), log=lambda *a: None)
+    pins = {} if args.no_pin else pinned_cpus(("v1", "v2"), ("n1", "n2"))
+    st = lab.up(parse(with_cpus(TOPOLOGY, pins)), log=lambda *a: None)
     res = {}
     try:
         offloads = {n: vtep_port(n)["offloads"] for n in ("v1", "v2", "n1", "n2")}
@@ -137,7 +142,7 @@ def main() -> int:
         for key, _, srv, cli in PATHS:
             res[key] = measure(st, srv, cli, args.seconds)
         rounds = {"k-k": [res["k-k"]["tcp_gbps"]], "v-v": [res["v-v"]["tcp_gbps"]], "floor": []}
-        with floor.relays():
+        with floor.relays(cpus=(pins["v1"], pins["v2"]) if pins else None):
             for i in range(args.rounds):
                 if i:
                     for key, _, srv, cli in PATHS[:2]:
@@ -152,6 +157,7 @@ def main() -> int:
     floor_ratio = statistics.median(f / k if k else 0.0 for k, f in zip(rounds["k-k"], rounds["floor"]))
     print(f"{title}, {args.seconds:g} s per run{' (--quick)' if args.quick else ''}, CPUs: {os.cpu_count()}")
     print("VTEP offloads: " + ", ".join(f"{n} {'+'.join(o) or 'none'}" for n, o in offloads.items()))
+    print("daemon CPUs: " + (", ".join(f"{n} {c}" for n, c in pins.items()) or "not pinned"))
     rows = [["path", "TCP Gbit/s", "TCP ratio", "64B pps delivered (best)", "pps ratio", "64B pps <1% loss",
              "64B pps (flood)", "segments/frame (TCP)"]]
     for key, label, _, _ in PATHS:
@@ -177,7 +183,7 @@ def main() -> int:
     save(args.json, {"paths": {k: {"label": label, "server": s, "client": c, **res[k]} for k, label, s, c in PATHS},
                      "offloads": offloads, "seconds": args.seconds, "quick": args.quick,
                      "tcp_rounds": rounds, "tcp_round_ratios": round_ratios, "tcp_ratio": goal_ratio,
-                     "floor_tcp_ratio": floor_ratio,
+                     "floor_tcp_ratio": floor_ratio, "daemon_cpus": pins,
                      "goals": {"tcp_ratio": GOAL_TCP_RATIO}})
     return 0
 

@@ -27,6 +27,22 @@ def ensure_sandbox(script: str) -> None:
         sys.exit(enter([sys.executable, script] + sys.argv[1:]))
 
 
+def pinned_cpus(*pairs) -> dict:
+    """Node name -> CPU: the two vswitch nodes of each pair on CPUs of their own (the first and the
+    second CPU this process may use), as userspace datapaths are deployed (a node config's cpus:);
+    {} with a single CPU. The benchmarks' --no-pin skips this."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return {}
+    return {name: cpus[i] for pair in pairs for i, name in enumerate(pair)}
+
+
+def with_cpus(topology: dict, pins: dict) -> dict:
+    """``topology`` with each pinned node's cpus: set."""
+    return dict(topology, nodes=[dict(n, cpus=[pins[n["name"]]]) if n["name"] in pins else n
+                                 for n in topology["nodes"]])
+
+
 def tcp_gbps(server: str, client: str, server_ip: str, seconds: float) -> float:
     """Single-stream TCP throughput received by the server, Gbit/s."""
     out = iperf3(server, client, server_ip, seconds)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -72,8 +73,9 @@ def start(argv: list, netns: str = "") -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def relays():
-    """The relay path up; yields (client netns, server netns, server address). All removed on exit."""
+def relays(cpus=None):
+    """The relay path up; yields (client netns, server netns, server address). All removed on exit.
+    ``cpus``: (relay 1's CPU, relay 2's CPU), pinned as the benchmark pins the daemons they stand for."""
     procs: list = []
     made: list = []
     try:
@@ -86,6 +88,8 @@ def relays():
         for i, (ns, addr) in enumerate(((CLIENT, CLIENT_IP), (SERVER, SERVER_IP)), 1):
             # the pod end is made as "fpodN" (names are per namespace only once it has moved)
             procs.append(start([sys.executable, "-c", RELAY, f"fpod{i}", ns, f"fup{i}", UNDERLAY]))
+            if cpus:
+                os.sched_setaffinity(procs[-1].pid, {cpus[i - 1]})
             ip("link", "set", f"fpod{i}", "name", "eth0", netns=ns)
             ip("addr", "add", f"{addr}/24", "dev", "eth0", netns=ns)
             ip("link", "set", f"fup{i}", "master", "br0", netns=UNDERLAY)
